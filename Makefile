@@ -1,0 +1,27 @@
+# Two commands, each works on a fresh machine from a clean clone (see README).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+setup: $(BIN)/python
+	# torch 2.14.1 / torchvision 0.29.1 come from local disk here (see README "Install")
+	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install --quiet torch torchvision
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+quickstart: setup
+	$(BIN)/python -m clipexp experiment=quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf outputs multirun mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,71 @@
+"""Model loading: the tiny built CLIP, encoding, save/load round trip, and the offline-hub error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clipexp.models import ModelLoadError, build_tokenizer, load_clip
+
+
+def test_generated_tokenizer_is_byte_level_clip():
+    tok = build_tokenizer(16)
+    assert len(tok) == 514
+    enc = tok(["A photo, of a cat"], padding="max_length", max_length=16, truncation=True)
+    ids = enc["input_ids"][0]
+    assert ids[0] == tok.bos_token_id == 512 and tok.eos_token_id == 513
+    assert len(ids) == 16 and sum(enc["attention_mask"][0]) == 2 + len("aphoto,ofacat")
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "aphoto,ofacat"
+
+
+def test_tiny_model_size_and_encoding(tiny_controller, rgb_images):
+    state = tiny_controller.get_model_state()
+    assert 100_000 < state["num_parameters"] < 500_000
+    assert state["device_type"] == "cpu" and state["embedding_dim"] == 64 and state["is_loaded"]
+    t = tiny_controller.encode_text(["a red square", "a green square", "a blue square"])
+    i = tiny_controller.encode_image(rgb_images)
+    assert t.shape == i.shape == (3, 64)
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(i.norm(dim=-1), torch.ones(3))
+    sim = tiny_controller.compute_similarity(["a red square", "a blue square"], rgb_images)
+    assert sim.shape == (3, 2)
+    torch.testing.assert_close(sim, i @ t[[0, 2]].T)
+
+
+def test_save_pretrained_round_trip_gives_identical_embeddings(tiny_controller, rgb_images, tmp_path):
+    from transformers import CLIPModel
+
+    from clipexp.config import CLIPFinetuningConfig
+    from clipexp.models import CLIPFinetuningController
+
+    texts = ["a red square", "defect"]
+    before_t, before_i = tiny_controller.encode_text(texts), tiny_controller.encode_image(rgb_images)
+    tiny_controller.save_pretrained(tmp_path / "model")
+    assert isinstance(CLIPModel.from_pretrained(tmp_path / "model"), CLIPModel)
+    cfg = CLIPFinetuningConfig(model_name=str(tmp_path / "model"), image_resolution=64, max_sequence_length=32, device="cpu")
+    loaded = CLIPFinetuningController(cfg).setup()
+    torch.testing.assert_close(loaded.encode_text(texts), before_t, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode_image(rgb_images), before_i, rtol=0, atol=0)
+
+
+def test_missing_local_dir_is_one_line(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"no such directory; give a save_pretrained folder or a hub id"):
+        load_clip(str(tmp_path / "nope"))
+
+
+def test_offline_hub_error_is_one_line(tmp_path):
+    """With the hub unreachable and nothing cached, loading a hub id fails with one actionable line."""
+    code = "from clipexp.models import load_clip; load_clip('openai/clip-vit-base-patch32')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == (
+        "clipexp.models.clip.ModelLoadError: cannot load 'openai/clip-vit-base-patch32': the Hugging Face hub is "
+        "unreachable (or the id is unknown) and it is not in the local cache; run offline with model=tiny, "
+        "or set model.name_or_path=/path/to/a/local/clip"
+    )
