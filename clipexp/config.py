@@ -202,13 +202,33 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42
+    optimized_metric: Optional[str] = None  # set by hparams_search presets (documentation only)
+
+
+def run_stamp() -> str:
+    """``<date>/<time with microseconds>`` fixed once per command: the main process sets it and every
+    job process it starts (joblib, submitit) inherits it, so a sweep's jobs agree on one folder while
+    two commands started in the same second never share one."""
+    import datetime
+    import os
+
+    pid, _, stamp = os.environ.get("CLIPEXP_RUN_STAMP", "").partition("|")
+    if stamp and pid in (str(os.getpid()), str(os.getppid())):
+        return stamp
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    os.environ["CLIPEXP_RUN_STAMP"] = f"{os.getpid()}|{stamp}"
+    return stamp
 
 
 def register_configs() -> None:
-    """Register the run schema so ``conf/config.yaml``'s defaults list can start with it."""
+    """Register the run schema (``conf/config.yaml``'s defaults list starts with it) and the
+    ``clipexp_stamp`` resolver used in the output folder names."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("clipexp_stamp"):
+        OmegaConf.register_new_resolver("clipexp_stamp", run_stamp, use_cache=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +335,9 @@ def validate(cfg: Any) -> None:
         )
     if _get(cfg, "loss.min_temp") > _get(cfg, "loss.max_temp"):
         raise ConfigError("loss.min_temp", _get(cfg, "loss.min_temp"), "must be <= loss.max_temp")
+    if _get(cfg, "loss.temperature_schedule") != "constant" and _get(cfg, "loss.learnable_temp"):
+        raise ConfigError("loss.temperature_schedule", _get(cfg, "loss.temperature_schedule"),
+                          "constant when loss.learnable_temp=true (a schedule would overwrite the learnt temperature)")
     if len(_get(cfg, "loss.scales")) != len(_get(cfg, "loss.scale_weights")):
         raise ConfigError("loss.scale_weights", list(_get(cfg, "loss.scale_weights")), "one weight per entry of loss.scales")
     if _get(cfg, "model.name_or_path") is None and _get(cfg, "model.architecture") is None:

@@ -30,7 +30,8 @@ def run_cli(tmp_path):
     """run_cli(*args, cwd=tmp_path, env=None, timeout=600) -> CompletedProcess of `python -m clipexp`."""
 
     def _run(*args, cwd=None, env=None, timeout=600):
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        full_env = {k: v for k, v in os.environ.items() if k != "CLIPEXP_RUN_STAMP"}
+        full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
         return subprocess.run(
             [sys.executable, "-m", "clipexp", *args],
             cwd=cwd or tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout,

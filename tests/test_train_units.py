@@ -1,0 +1,72 @@
+"""Pieces of the training loop with exact expected values: LR schedule, weight-decay groups, sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clipexp.train import EpochSampler, atomic_save, lr_at, param_groups
+
+
+@pytest.mark.parametrize(
+    "step,expected",
+    [
+        (0, 1e-3 * 1 / 10),       # warmup: (step + 1) / warmup
+        (4, 1e-3 * 5 / 10),
+        (9, 1e-3),                # last warmup step reaches the base LR
+        (10, 1e-3),               # cosine starts at the top: progress 0
+        (60, 1e-3 * 0.5),         # half-way through the 100 decay steps: cos(pi/2) -> 0.5
+        (35, 1e-3 * 0.5 * (1 + math.cos(math.pi * 0.25))),
+        (110, 0.0),               # the end of the schedule
+        (500, 0.0),               # clamped after the end
+    ],
+)
+def test_warmup_then_cosine(step, expected):
+    assert lr_at(step, 1e-3, warmup_steps=10, total_steps=110) == pytest.approx(expected, abs=1e-15)
+
+
+def test_no_warmup_and_min_ratio():
+    assert lr_at(0, 2.0, 0, 100) == 2.0
+    assert lr_at(100, 2.0, 0, 100, min_ratio=0.1) == pytest.approx(0.2)
+
+
+def test_weight_decay_groups_skip_norms_biases_embeddings_and_temperatures():
+    from clipexp.losses import CLIPContrastiveLoss
+    from clipexp.models import build_model
+    from clipexp.config import ArchitectureConfig
+
+    model = build_model(ArchitectureConfig(), 64, 32)
+    loss = CLIPContrastiveLoss(learnable_temp=True)
+    decay, no_decay = param_groups({"model": model, "loss": loss}, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names.get(id(p), "loss") for p in no_decay["params"]}
+    assert "logit_scale" in skipped and "loss" in skipped
+    assert "text_model.embeddings.token_embedding.weight" in skipped
+    assert "vision_model.embeddings.class_embedding" in skipped
+    assert not any("bias" in n or "norm" in n for n in decayed)
+    assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in decayed
+    assert "visual_projection.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters())) + 1
+
+
+def test_epoch_sampler_is_seeded_drops_the_tail_and_resumes_mid_epoch():
+    s = EpochSampler(n=10, batch_size=3, num_batches=3, seed=7)
+    s.set_epoch(0)
+    first = list(s)
+    assert len(first) == 9 and len(set(first)) == 9           # the 10th index is the dropped tail
+    s.set_epoch(0)
+    assert list(s) == first                                    # same seed + epoch -> same order
+    s.set_epoch(1)
+    assert list(s) != first
+    s.set_epoch(0, start=6)
+    assert list(s) == first[6:] and len(s) == 3                # resume after two micro-batches
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    path = atomic_save({"x": torch.ones(2)}, tmp_path / "ckpt" / "a.pt")
+    assert torch.load(path)["x"].tolist() == [1.0, 1.0]
+    assert [p.name for p in path.parent.iterdir()] == ["a.pt"]
