@@ -174,7 +174,7 @@ class TrainerConfig:
     eval_steps: int = 500
     logging_steps: int = 100
     eval_at_start: bool = True
-    monitor: str = "val/t2i_R@1"
+    monitor: str = "val/t2i_R1"
     monitor_mode: str = "max"
     keep_last: int = 2
     early_stopping_patience: Optional[int] = None

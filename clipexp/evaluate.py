@@ -41,7 +41,7 @@ def evaluate_retrieval(
     ks: Sequence[int] = RECALL_KS,
     chunk_size: int = 1024,
 ) -> Dict[str, float]:
-    """Image->text and text->image Recall@k and median rank (pair i's image and text share group i).
+    """Image->text and text->image Recall@k (logged as R1, R5, R10: MLflow metric names cannot contain "@") and median rank (pair i's image and text share group i).
 
     ``group_ids`` [N]: pairs in the same group are all correct answers for each other; ``None`` means
     every pair is its own group (the textbook evaluation).
@@ -55,10 +55,10 @@ def evaluate_retrieval(
     for name, q, g in (("i2t", img, txt), ("t2i", txt, img)):
         ranks = _first_correct_ranks(q, g, groups, groups, chunk_size).float()
         for k in ks:
-            out[f"{name}_R@{k}"] = int((ranks <= k).sum()) / n
+            out[f"{name}_R{k}"] = int((ranks <= k).sum()) / n
         out[f"{name}_median_rank"] = float(ranks.median())
         out[f"{name}_mean_rank"] = float(ranks.sum()) / n
-    out["mean_R@1"] = (out["i2t_R@1"] + out["t2i_R@1"]) / 2
+    out["mean_R1"] = (out["i2t_R1"] + out["t2i_R1"]) / 2
     return out
 
 

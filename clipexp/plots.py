@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def training_curves(history: Dict[str, List[tuple]], path: Path) -> Path:
     """One panel per series in ``history`` ({"train/loss": [(step, value), ...], ...})."""
     names = [n for n in ("train/loss", "val/loss", "train/lr", "train/temperature") if history.get(n)]
-    names += [n for n in sorted(history) if n.startswith("val/") and n.endswith("R@1") and history[n]]
+    names += [n for n in sorted(history) if n.startswith("val/") and n.endswith("R1") and history[n]]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         steps, values = zip(*history[name])

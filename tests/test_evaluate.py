@@ -22,11 +22,11 @@ def test_recall_on_hand_made_matrix_without_groups():
     ])
     img, txt = _embeds_from_sim(sim)
     m = evaluate_retrieval(img, txt, ks=(1, 2))
-    assert m["i2t_R@1"] == 1 / 3 and m["i2t_R@2"] == 2 / 3
+    assert m["i2t_R1"] == 1 / 3 and m["i2t_R2"] == 2 / 3
     assert m["i2t_median_rank"] == 2.0 and m["i2t_mean_rank"] == 2.0
     # text->image: column 0 ranks image 0 first (0.9); column 1: 0.6 (img2) > 0.5 (img1) -> rank 2;
     # column 2: 0.3 (img2) is the best -> rank 1
-    assert m["t2i_R@1"] == 2 / 3 and m["t2i_median_rank"] == 1.0
+    assert m["t2i_R1"] == 2 / 3 and m["t2i_median_rank"] == 1.0
 
 
 def test_duplicate_captions_count_as_correct():
@@ -39,9 +39,9 @@ def test_duplicate_captions_count_as_correct():
     img, txt = _embeds_from_sim(sim)
     plain = evaluate_retrieval(img, txt, ks=(1,))
     grouped = evaluate_retrieval(img, txt, torch.tensor([0, 1, 1]), ks=(1,))
-    assert plain["i2t_R@1"] == 1 / 3          # images 1 and 2 each "miss"
-    assert grouped["i2t_R@1"] == 1.0          # ... but their best text is a duplicate caption
-    assert grouped["t2i_R@1"] == 1.0 and plain["t2i_R@1"] == 1 / 3
+    assert plain["i2t_R1"] == 1 / 3          # images 1 and 2 each "miss"
+    assert grouped["i2t_R1"] == 1.0          # ... but their best text is a duplicate caption
+    assert grouped["t2i_R1"] == 1.0 and plain["t2i_R1"] == 1 / 3
 
 
 def test_chunking_gives_identical_results():

@@ -1,0 +1,735 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+``run(cfg)`` is the Hydra task. It builds a :class:`Trainer` (``setup`` -> ``train`` -> ``cleanup``),
+which applies the run config on the chosen device:
+
+* AdamW, weight decay off norms, biases, embeddings and temperatures; linear warmup + cosine decay
+  (``lr_at``, ten lines); gradient accumulation (plain: micro-batch losses averaged, so each
+  micro-batch's negatives come from that micro-batch only); gradient clipping; autocast in the
+  device's precision with a GradScaler for fp16; the temperature schedule applied every step.
+* Evaluation at step 0 (the pre-fine-tuning baseline), every ``eval_steps`` and on the test split at
+  the end (with the best checkpoint's weights when one was kept).
+* Checkpoints every ``save_steps``, written atomically, the last ``keep_last`` kept plus the best by
+  ``trainer.monitor``; ``trainer.resume=latest|<path>`` restores everything, including the position in
+  the epoch, and continues the same MLflow run.
+* A non-finite loss stops the run naming the step; Ctrl-C / SIGTERM save a checkpoint and mark the
+  run KILLED; any crash closes the MLflow run as FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Sampler
+
+from clipexp import plots
+from clipexp.config import ConfigError, validate
+from clipexp.device import DeviceError, DeviceManager
+from clipexp.gradcache import exact_accumulation_step
+from clipexp.memory import (
+    BatchSizeCache,
+    OOMRecovery,
+    estimate_batch_size_for_model,
+    make_train_step_probe,
+    resolve_batch_size,
+)
+from clipexp.evaluate import class_text_embeddings, evaluate_retrieval, zero_shot_metrics
+from clipexp.losses import TemperatureScheduler, build_loss
+from clipexp.models import ModelLoadError, count_parameters, image_features, load_clip, text_features
+from clipexp.tracking import flatten, git_commit, make_tracker, overrides_run_name
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+DEFAULT_BATCH = {"cuda": 32, "mps": 16, "cpu": 8}  # the original notes' defaults when not probing
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf. One line naming the step and the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small pure pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 to ``base_lr`` over ``warmup_steps``, then cosine decay to ``min_ratio * base_lr``.
+
+    ``step`` is the optimizer step about to be taken (0-based).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def param_groups(modules: Dict[str, torch.nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
+    """Two AdamW groups: decay for weight matrices; none for norms, biases, embeddings, temperatures."""
+    decay, no_decay = [], []
+    for prefix, module in modules.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            full = f"{prefix}.{name}"
+            if p.ndim < 2 or "embedding" in full or "logit_scale" in full or "norm" in full or full.startswith("loss."):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way through (exact resume).
+
+    Yields ``num_batches * batch_size`` indices: the tail that would not fill a whole optimizer step is
+    dropped, so every epoch has the same number of steps.
+    """
+
+    def __init__(self, n: int, batch_size: int, num_batches: int, seed: int, shuffle: bool = True):
+        self.n, self.batch_size, self.num_batches = n, batch_size, num_batches
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        return iter(order[self.start:self.num_batches * self.batch_size].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches * self.batch_size - self.start)
+
+
+def default_train_workers() -> int:
+    """Loader workers when ``data.num_workers`` is null: half the cores (at least 1 from 2 cores, at
+    most 4). Augmenting a batch costs about as much as a small model's step, so it runs beside it."""
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else min(4, max(1, cores // 2))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> Path:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def find_latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """Newest ``step_*.pt`` in this run's folder, else in sibling runs under the same outputs root."""
+    own = sorted((output_dir / "checkpoints").glob("step_*.pt"))
+    if own:
+        return own[-1]
+    root = output_dir.parent.parent  # outputs/<date>/<time> -> outputs
+    found = list(root.glob("*/*/checkpoints/step_*.pt")) + list(root.glob("*/*/*/checkpoints/step_*.pt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """setup -> train -> cleanup for one run config (a composed Hydra config or an equivalent DictConfig)."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path, overrides: Optional[List[str]] = None,
+                 hydra_dir: Optional[Path] = None, tags: Optional[Dict[str, Any]] = None):
+        self.cfg = cfg
+        self.extra_tags = dict(tags or {})
+        self.output_dir = Path(output_dir)
+        self.overrides = list(overrides or [])
+        self.hydra_dir = hydra_dir
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.tracker = None
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_value: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.evals_without_improvement = 0
+        self.history: Dict[str, List[tuple]] = {}
+        self.results: Dict[str, Dict[str, float]] = {}
+        self.last_checkpoint: Optional[Path] = None
+        self.status = "FAILED"
+
+    # ---------------------------------------------------------------------------------------- setup
+    def setup(self) -> "Trainer":
+        cfg, t = self.cfg, self.cfg.trainer
+        validate(cfg)
+        _quiet_libraries()
+        seed_everything(cfg.seed)
+
+        self.devices = DeviceManager(cfg.device.type, cfg.device.precision)
+        self.device = self.devices.device
+        self.dev = self.devices.info
+        self.devices.log_device_info()
+
+        # model + processor (weights of a built model follow the seed)
+        m = cfg.model
+        arch = OmegaConf.to_container(m.architecture) if m.architecture is not None else None
+        self.model, self.processor = load_clip(m.name_or_path, arch, m.image_resolution, m.max_sequence_length)
+        self._apply_model_levers()
+        self.model.to(self.device)
+
+        # data
+        from clipexp.data import build_datasets, collate_fn
+
+        self.data = build_datasets(
+            OmegaConf.to_container(cfg.data, resolve=True),
+            processor=self.processor,
+            image_resolution=m.image_resolution,
+            max_sequence_length=m.max_sequence_length,
+            prompt_templates=list(cfg.domain.prompt_templates),
+            augmentation=OmegaConf.to_container(cfg.domain.augmentation, resolve=True),
+            seed=cfg.seed,
+        )
+        self.collate = collate_fn
+
+        # loss (needed by the batch-size probe), then the batch: micro-batch x accumulation = logical batch
+        loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+        self.loss_fn = build_loss(loss_cfg["name"], **loss_cfg).to(self.device)
+        self.batch_size, how = self._resolve_batch_size()
+        n_train = len(self.data.train)
+        self.batch_size = min(self.batch_size, n_train)
+        self.oom = OOMRecovery(self.batch_size, t.gradient_accumulation_steps, device=self.device)
+        self.logical_batch = self.oom.logical_batch
+        log.info("micro-batch %d (%s) x %d accumulation = logical batch %d", self.batch_size, how, t.gradient_accumulation_steps, self.logical_batch)
+        self.steps_per_epoch = max(1, n_train // self.logical_batch)
+        self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
+        self.sampler = EpochSampler(n_train, min(self.logical_batch, n_train), self.steps_per_epoch, cfg.seed, shuffle=cfg.data.shuffle)
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_train_workers()
+        if self.dev.type == "cpu":
+            # leave the loader workers their cores: oversubscribed OpenMP threads cost more than they give
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+        # Workers are not persistent: each epoch re-forks them after set_epoch, so per-sample augmentation
+        # (seeded by seed, epoch, index) is the same whatever the worker count or resume point.
+        self.train_loader = DataLoader(
+            self.data.train, batch_size=self.sampler.batch_size, sampler=self.sampler, collate_fn=collate_fn,
+            num_workers=workers, pin_memory=self.dev.type == "cuda", drop_last=False,
+        )
+        self.eval_batch_size = t.eval_batch_size or max(self.batch_size, 32)
+
+        # temperature schedule, optimizer, scaler
+        self.temp_schedule = TemperatureScheduler(
+            initial_temp=cfg.loss.temperature, min_temp=cfg.loss.min_temp, max_temp=cfg.loss.max_temp,
+            warmup_steps=cfg.loss.temp_warmup_steps, total_steps=self.total_steps,
+            schedule_type=cfg.loss.temperature_schedule, decay_rate=cfg.loss.temp_decay_rate,
+            patience=cfg.loss.temp_patience, factor=cfg.loss.temp_factor,
+        )
+        fused = bool(t.fused_adamw and self.dev.type == "cuda")
+        self.optimizer = torch.optim.AdamW(
+            param_groups({"model": self.model, "loss": self.loss_fn}, t.weight_decay),
+            lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused or None,
+        )
+        self.scaler = torch.amp.GradScaler(self.dev.type, enabled=self.dev.use_grad_scaler)
+
+        # resume (before tracking: the checkpoint names the MLflow run to continue)
+        resume_state = None
+        if t.resume:
+            path = find_latest_checkpoint(self.output_dir) if t.resume == "latest" else Path(t.resume)
+            if path is None or not path.is_file():
+                raise ConfigError("trainer.resume", t.resume, "latest (with a checkpoint under outputs/) or a checkpoint file path")
+            resume_state = self.load_checkpoint(path)
+
+        self.tracker = make_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment)
+        if resume_state is not None and resume_state.get("run_id") and self.tracker.enabled:
+            self.tracker.start(run_id=resume_state["run_id"], system_metrics=cfg.tracking.system_metrics)
+            self.tracker.set_tags({"resumed_from": str(self.resumed_from), "resumed_at_step": self.step})
+        else:
+            self.tracker.start(
+                run_name=cfg.tracking.run_name or overrides_run_name(self.overrides),
+                tags=self._tags(), parent_run_id=self._parent_run_id(),
+                system_metrics=cfg.tracking.system_metrics,
+            )
+            self.tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+            self.tracker.log_params({
+                "derived.batch_size": self.batch_size, "derived.logical_batch": self.logical_batch,
+                "derived.total_steps": self.total_steps,
+                "derived.steps_per_epoch": self.steps_per_epoch, "derived.precision": self.dev.precision,
+                "derived.num_parameters": count_parameters(self.model),
+                "derived.num_train_pairs": len(self.data.train), "derived.num_val_pairs": _len(self.data.val),
+                "derived.num_test_pairs": _len(self.data.test),
+            })
+        log.info(
+            "train %d / val %d / test %d pairs; %d steps (%d per epoch) of %d samples (%s accumulation); outputs in %s",
+            len(self.data.train), _len(self.data.val), _len(self.data.test), self.total_steps,
+            self.steps_per_epoch, self.logical_batch, t.accumulation, self.output_dir,
+        )
+        return self
+
+    def _resolve_batch_size(self) -> tuple[int, str]:
+        """Configured, else (CUDA) cached or probed, else a memory estimate, else the notes' defaults."""
+        t, m = self.cfg.trainer, self.cfg.model
+        if t.batch_size is not None:
+            return int(t.batch_size), "configured"
+        key = BatchSizeCache.key(m.name_or_path or f"built:{m.name}", m.image_resolution, self.dev.precision, self.dev.name,
+                                 f"ckpt={m.gradient_checkpointing},li={m.lock_image},lt={m.lock_text},loss={self.cfg.loss.name}")
+        probe = None
+        if self.dev.type == "cuda":
+            probe = make_train_step_probe(self.model, self.loss_fn, device=self.device, resolution=m.image_resolution,
+                                          seq_len=m.max_sequence_length, autocast=self.dev.autocast)
+
+        def estimate() -> int:
+            return estimate_batch_size_for_model(self.model, image_resolution=m.image_resolution, seq_len=m.max_sequence_length,
+                                                 precision=self.dev.precision, device=self.device)
+
+        size, how = resolve_batch_size(requested=None, device_type=self.dev.type, probe=probe, cache=BatchSizeCache(),
+                                       cache_key=key, estimate=estimate, fallback=DEFAULT_BATCH)
+        if self.dev.type == "cuda":
+            torch.manual_seed(self.cfg.seed)  # the probe drew random numbers; keep runs reproducible
+        log.info("trainer.batch_size=null: micro-batch %d found by %s on %s", size, how, self.dev.type)
+        return size, how
+
+    def _apply_model_levers(self) -> None:
+        m, d = self.cfg.model, self.cfg.device
+        if m.lock_image:
+            for mod in (self.model.vision_model, self.model.visual_projection):
+                mod.requires_grad_(False)
+        if m.lock_text:
+            for mod in (self.model.text_model, self.model.text_projection):
+                mod.requires_grad_(False)
+        if m.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if d.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if d.compile:
+            self.model.vision_model.compile()
+            self.model.text_model.compile()
+
+    def _tags(self) -> Dict[str, str]:
+        c = self.cfg
+        return {
+            "domain": c.domain.name, "loss": c.loss.name, "model": c.model.name, "data": c.data.source,
+            "git_commit": git_commit(), "hydra_overrides": " ".join(self.overrides) or "(none)",
+            "output_dir": str(self.output_dir), "device": f"{self.dev.type}:{self.dev.name}", "precision": self.dev.precision,
+            **self.extra_tags,
+        }
+
+    def _parent_run_id(self) -> Optional[str]:
+        """A sweep's parent run id, written by the sweep callback into the sweep folder."""
+        marker = self.output_dir.parent / "mlflow_parent_run_id"
+        return marker.read_text().strip() if marker.is_file() else None
+
+    # ---------------------------------------------------------------------------------------- train
+    def _logical_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """One logical batch per optimizer step, forever, epoch after epoch, tracking the position for exact resume."""
+        while True:
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.sampler.batch_size)
+            self.data.train.set_epoch(self.epoch)
+            for batch in self.train_loader:
+                self.batch_in_epoch += 1
+                yield batch
+
+    def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        dev = self.device
+        with self.dev.autocast():
+            img = image_features(self.model, batch["pixel_values"].to(dev, non_blocking=True))
+            txt = text_features(self.model, batch["input_ids"].to(dev, non_blocking=True), batch["attention_mask"].to(dev, non_blocking=True))
+        return self.loss_fn(img, txt, group_ids=batch["group_ids"].to(dev), labels=batch["labels"].to(dev), logit_scale=self.model.logit_scale)
+
+    def _accumulate(self, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Forward + backward of one logical batch; gradients land in ``.grad``. Returns the loss output."""
+        if self.cfg.trainer.accumulation == "exact" and len(micro_batches) > 1:
+            out = exact_accumulation_step(self.model, self.loss_fn, micro_batches, device=self.device, autocast=self.dev.autocast,
+                                          loss_scale=self.scaler, logit_scale=self.model.logit_scale)
+            self._check_finite(out["loss"])
+            return out
+        total = sum(b["pixel_values"].shape[0] for b in micro_batches)
+        loss_sum = 0.0
+        for batch in micro_batches:
+            out = self._forward_loss(batch)
+            self._check_finite(out["loss"])
+            weight = batch["pixel_values"].shape[0] / total  # plain: micro-batch losses averaged by size
+            self.scaler.scale(out["loss"] * weight).backward()
+            loss_sum += out["loss"].item() * weight
+        out = dict(out)
+        out["loss"] = torch.tensor(loss_sum)
+        return out
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} at step {self.step + 1}{where}; lower trainer.learning_rate, "
+                f"raise loss.temperature or use device.precision=fp32"
+            )
+
+    def _on_oom_cleanup(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("out of memory at step %d with micro-batch %d; retrying the same logical batch with micro-batch %d",
+                    self.step + 1, self.oom.micro, max(1, (self.oom.micro + 1) // 2))
+
+    def train(self) -> Dict[str, Dict[str, float]]:
+        cfg, t = self.cfg, self.cfg.trainer
+        if self.step == 0 and t.eval_at_start:
+            self.evaluate("val")
+        batches = self._logical_batches()
+        window_loss, window_samples, window_start = [], 0, time.perf_counter()
+        progress = _progress(self.total_steps, self.step, enabled=t.progress)
+        stop = self.step >= self.total_steps
+        try:
+            while not stop:
+                self.model.train()
+                lr = lr_at(self.step, t.learning_rate, t.warmup_steps, self.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.loss.temperature_schedule != "constant":
+                    self.loss_fn.temperature = self.temp_schedule.step(self.step, loss=window_loss[-1] if window_loss else None)
+
+                batch = next(batches)
+                micro_before = self.oom.micro
+                out = self.oom.run(self._accumulate, batch, cleanup=self._on_oom_cleanup)
+                if self.oom.micro != micro_before:
+                    self.tracker.set_tags({"oom_recovery": f"step {self.step + 1}: micro-batch {micro_before} -> {self.oom.micro}"})
+                step_loss = float(out["loss"])
+                window_samples += batch["pixel_values"].shape[0]
+
+                self.scaler.unscale_(self.optimizer)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window_loss.append(step_loss)
+                progress.update(1)
+
+                if self.step % t.logging_steps == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = {
+                        "train/loss": sum(window_loss) / len(window_loss), "train/lr": lr,
+                        "train/temperature": float(out["temperature"]), "train/grad_norm": float(grad_norm),
+                        "train/samples_per_s": window_samples / max(elapsed, 1e-9), "train/epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+                    }
+                    self._log(metrics)
+                    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", samples_s=f"{metrics['train/samples_per_s']:.0f}")
+                    window_loss, window_samples, window_start = [], 0, time.perf_counter()
+
+                if self.step % t.eval_steps == 0 or self.step == self.total_steps:
+                    improved = self.evaluate("val")
+                    if t.early_stopping_patience and not improved and self.evals_without_improvement >= t.early_stopping_patience:
+                        log.info("early stopping at step %d: %s has not improved for %d evaluations", self.step, t.monitor, self.evals_without_improvement)
+                        stop = True
+                if self.step % t.save_steps == 0 or self.step == self.total_steps or stop:
+                    self.save_checkpoint()
+                stop = stop or self.step >= self.total_steps
+        except KeyboardInterrupt:
+            progress.close()
+            path = self.save_checkpoint()
+            self.status = "KILLED"
+            log.warning("interrupted at step %d; checkpoint saved to %s (resume with trainer.resume=%s)", self.step, path, path)
+            raise
+        progress.close()
+        self.finish()
+        self.status = "FINISHED"
+        return self.results
+
+    # ------------------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def embed(self, dataset) -> Dict[str, torch.Tensor]:
+        """Embeddings of every pair in ``dataset`` plus its groups and labels, and the mean loss."""
+        self.model.eval()
+        loader = DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate, num_workers=0)
+        imgs, txts, groups, labels, losses, weights = [], [], [], [], [], []
+        for batch in loader:
+            with self.dev.autocast():
+                img = image_features(self.model, batch["pixel_values"].to(self.device))
+                txt = text_features(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            out = self.loss_fn(img, txt, group_ids=batch["group_ids"].to(self.device), labels=batch["labels"].to(self.device), logit_scale=self.model.logit_scale)
+            imgs.append(img.float().cpu()), txts.append(txt.float().cpu())
+            groups.append(batch["group_ids"]), labels.append(batch["labels"])
+            losses.append(float(out["loss"])), weights.append(img.shape[0])
+        return {
+            "image": torch.cat(imgs), "text": torch.cat(txts), "groups": torch.cat(groups), "labels": torch.cat(labels),
+            "loss": float(np.average(losses, weights=weights)),
+        }
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: List[str]) -> torch.Tensor:
+        tok = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.cfg.model.max_sequence_length, return_tensors="pt")
+        with self.dev.autocast():
+            return text_features(self.model, tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float().cpu()
+
+    def compute_metrics(self, split: str) -> Dict[str, Any]:
+        dataset = getattr(self.data, split)
+        e = self.embed(dataset)
+        metrics: Dict[str, Any] = {"loss": e["loss"], **evaluate_retrieval(e["image"], e["text"], e["groups"])}
+        confusion = None
+        if self.data.class_names and (e["labels"] >= 0).any():
+            class_embeds = class_text_embeddings(self.encode_prompts, list(self.data.class_names), list(self.cfg.domain.prompt_templates))
+            zs = zero_shot_metrics(e["image"], e["labels"], class_embeds)
+            confusion = zs.pop("confusion")
+            metrics.update(zs)
+        return {"metrics": {f"{split}/{k}": v for k, v in metrics.items()}, "confusion": confusion, "embeddings": e}
+
+    def evaluate(self, split: str = "val") -> bool:
+        """Evaluate, log, track the best checkpoint. Returns whether the monitored metric improved."""
+        t = self.cfg.trainer
+        if getattr(self.data, split) is None:
+            log.warning("no %s split (data.%s_split=0): skipping evaluation", split, split)
+            return False
+        result = self.compute_metrics(split)
+        metrics = result["metrics"]
+        self._log(metrics)
+        label = "baseline" if self.step == 0 else f"step {self.step}"
+        log.info("%s %s: %s", split, label, "  ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in metrics.items() if "mean_rank" not in k))
+        if self.step == 0:
+            self.results["baseline"] = dict(metrics)
+        self.results["final"] = dict(metrics)
+        if t.monitor not in metrics:
+            raise ConfigError("trainer.monitor", t.monitor, "one of " + ", ".join(sorted(metrics)))
+        value = metrics[t.monitor]
+        better = self.best_value is None or (value > self.best_value if t.monitor_mode == "max" else value < self.best_value)
+        if better:
+            self.best_value, self.best_step = value, self.step
+            self.evals_without_improvement = 0
+            self.results["best"] = dict(metrics)
+            atomic_save({"model": self.model.state_dict(), "loss_fn": self.loss_fn.state_dict(), "step": self.step,
+                         "monitor": t.monitor, "value": value}, self.ckpt_dir / "best.pt")
+            self._log({f"best/{t.monitor}": value})
+        else:
+            self.evals_without_improvement += 1
+        return better
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        state = {
+            "model": self.model.state_dict(), "loss_fn": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "temp_schedule": self.temp_schedule.state_dict(), "loss_temperature": float(self.loss_fn.temperature),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "oom": self.oom.state_dict(),
+            "best_value": self.best_value, "best_step": self.best_step, "evals_without_improvement": self.evals_without_improvement,
+            "history": self.history, "results": self.results, "rng": rng_state(),
+            "run_id": getattr(self.tracker, "run_id", None), "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+        path = atomic_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+        for old in sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.cfg.trainer.keep_last]:
+            old.unlink(missing_ok=True)
+        self.last_checkpoint = path
+        return path
+
+    def load_checkpoint(self, path: Path) -> Dict[str, Any]:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss_fn"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.temp_schedule.load_state_dict(state["temp_schedule"])
+        if self.cfg.loss.temperature_schedule != "constant":
+            self.loss_fn.temperature = state["loss_temperature"]
+        for key in ("step", "epoch", "batch_in_epoch", "best_value", "best_step", "evals_without_improvement", "history", "results"):
+            setattr(self, key, state[key])
+        set_rng_state(state["rng"])
+        self.oom.load_state_dict(state["oom"])
+        best = path.parent / "best.pt"
+        if best.is_file() and best.parent != self.ckpt_dir:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.ckpt_dir / "best.pt").write_bytes(best.read_bytes())
+        self.resumed_from = path
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+        return state
+
+    # ------------------------------------------------------------------------------------ finishing
+    def finish(self) -> None:
+        """Test evaluation with the best weights, plots, the model, the metrics JSON; all logged."""
+        best = self.ckpt_dir / "best.pt"
+        if best.is_file():
+            state = torch.load(best, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.loss_fn.load_state_dict(state["loss_fn"])
+            log.info("test evaluation uses the best checkpoint (%s=%.4f at step %d)", state["monitor"], state["value"], state["step"])
+        plot_dir = self.output_dir / "plots"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        split = "test" if self.data.test is not None else "val" if self.data.val is not None else None
+        if split is not None:
+            result = self.compute_metrics(split)
+            if split == "test":
+                self._log(result["metrics"])
+                self.results["test"] = dict(result["metrics"])
+            e = result["embeddings"]
+            n = min(16, e["image"].shape[0])
+            plots.similarity_heatmap(e["image"][:n] @ e["text"][:n].T, _captions(getattr(self.data, split), n),
+                                     plot_dir / "similarity_heatmap.png", title=f"{split} pairs: image x text cosine similarity")
+            if result["confusion"] is not None:
+                plots.confusion_matrix(result["confusion"], list(self.data.class_names), plot_dir / "zeroshot_confusion.png",
+                                       title=f"zero-shot confusion ({split})")
+        plots.training_curves(self.history, plot_dir / "training_curves.png")
+
+        metrics_path = self.output_dir / "metrics.json"
+        metrics_path.write_text(json.dumps({**self.results, "monitor": self.cfg.trainer.monitor, "best_value": self.best_value,
+                                            "best_step": self.best_step, "steps": self.step}, indent=2))
+        config_path = self.output_dir / "config.yaml"
+        OmegaConf.save(self.cfg, config_path, resolve=True)
+
+        model_dir = self.output_dir / "model"
+        self.model.save_pretrained(model_dir)
+        self.processor.save_pretrained(model_dir)
+
+        tr = self.tracker
+        tr.log_artifact(config_path)
+        tr.log_artifact(metrics_path)
+        if self.hydra_dir is not None and self.hydra_dir.is_dir():
+            tr.log_artifacts(self.hydra_dir, "hydra")
+        tr.log_artifacts(plot_dir, "plots")
+        if self.cfg.tracking.log_model:
+            tr.log_artifacts(model_dir, "model")
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append((self.step, float(v)))
+        self.tracker.log_metrics(metrics, step=self.step)
+
+    def cleanup(self, status: Optional[str] = None) -> None:
+        if self.tracker is not None:
+            self.tracker.end(status or self.status)
+
+
+def _len(dataset) -> int:
+    return 0 if dataset is None else len(dataset)
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar and log lines are the ones users read; silence transformers' own bars."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _captions(dataset, n: int) -> List[str]:
+    caps = list(dataset.captions[:n])
+    return [c if isinstance(c, str) else c[0] for c in caps]
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def summary_table(results: Dict[str, Dict[str, float]]) -> str:
+    """Baseline vs final (val) and test, for the metrics users read first."""
+    base, final, test = results.get("baseline", {}), results.get("final", {}), results.get("test", {})
+    rows = ["loss", "i2t_R1", "i2t_R5", "t2i_R1", "t2i_R5", "zeroshot_acc", "zeroshot_balanced_acc"]
+    lines = [f"{'metric':<24}{'baseline':>10}{'final':>10}{'test':>10}"]
+    for r in rows:
+        vals = [d.get(f"{split}/{r}") for d, split in ((base, "val"), (final, "val"), (test, "test"))]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"{r:<24}" + "".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in vals))
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig, output_dir: Optional[Path] = None, overrides: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
+    """Train one run config outside Hydra's CLI (tests, notebooks); returns the results dict."""
+    trainer = Trainer(cfg, Path(output_dir or "outputs/api"), overrides)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hydra task
+# --------------------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    """Train one job; return the best value of ``trainer.monitor`` (what an Optuna sweep optimises).
+
+    A single run ends a user error with one line and exit code 2 (1 for a non-finite loss). In a sweep a
+    failing job is recorded (its MLflow run FAILED, the error in its log) and returns NaN, so the other
+    jobs go on and the sweep summary lists it.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from clipexp.data import DataValidationError
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    output_dir = Path(hc.runtime.output_dir)
+    hydra_dir = output_dir / hc.output_subdir if hc.output_subdir else None
+    tags = {"job_num": hc.job.num, "sweep_dir": str(Path(hc.sweep.dir).resolve())} if multirun else {}
+    trainer = Trainer(cfg, output_dir, list(hc.overrides.task), hydra_dir, tags=tags)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    user_errors = (ConfigError, DeviceError, ModelLoadError, DataValidationError, NonFiniteLossError)
+    try:
+        trainer.setup()
+        results = trainer.train()
+    except KeyboardInterrupt:
+        trainer.cleanup("KILLED")
+        print(f"clipexp: interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:
+        trainer.cleanup("FAILED")
+        expected = isinstance(err, user_errors)
+        if multirun:
+            log.error("job %s failed: %s", hc.job.num, err, exc_info=not expected)
+            print(f"clipexp: job {hc.job.num} failed: {err}", file=sys.stderr)
+            return float("nan")
+        if expected:
+            print(f"clipexp: error: {err}", file=sys.stderr)
+            sys.exit(EXIT_FAILED if isinstance(err, NonFiniteLossError) else EXIT_USAGE)
+        raise
+    except BaseException:
+        trainer.cleanup("FAILED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    trainer.cleanup("FINISHED")
+    print(summary_table(results))
+    print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
+    return trainer.best_value
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
