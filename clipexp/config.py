@@ -141,6 +141,8 @@ class DataConfig:
     augment_images: bool = True
     augment_text: bool = False
     on_error: str = "raise"
+    allow_outside_root: bool = False  # images outside the CSV/JSON's folder are an error unless true
+    check_images: bool = True  # decode every image before training (catches truncated files)
     cache_images: str = "auto"
     cache_memory_mb: int = 2048
     cache_dir: Optional[str] = None
@@ -180,6 +182,7 @@ class TrainerConfig:
     early_stopping_patience: Optional[int] = None
     resume: Optional[str] = None  # latest | <checkpoint path>
     progress: bool = True
+    dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
 
 
 @dataclass
@@ -304,6 +307,7 @@ RULES: Dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.monitor_mode": _one_of(MONITOR_MODES),
     "trainer.keep_last": _int_ge1,
     "trainer.early_stopping_patience": _pos_int_or_null,
+    "trainer.dist_timeout_s": _int_ge1,
     "seed": _ge0,
 }
 

@@ -1,0 +1,341 @@
+"""PyTorch datasets of image-text pairs, and the trainer's one-call builder.
+
+Items are dicts::
+
+    pixel_values    float32 [3, R, R]   normalised image
+    input_ids       long    [L]         caption tokens, padded/truncated to L
+    attention_mask  long    [L]
+    labels          long    []          class index into ``dataset.class_names``; -1 when unlabelled
+    group_ids       long    []          caption group (same normalised caption = same group)
+    indices         long    []          the item's index in the dataset
+
+Captions are tokenised once, at construction (every distinct string once), never per item.
+
+Reproducible augmentation: every random draw for item ``i`` in epoch ``e`` (crop, flips, rotation,
+jitter, which caption) comes from torch's RNG seeded with ``item_seed(seed, e, i)`` inside
+``torch.random.fork_rng``; the caller's RNG state is left untouched. Call ``dataset.set_epoch(e)``
+before each epoch: the epoch lives in a shared-memory tensor, so DataLoader workers (persistent or
+not, forked or spawned) see it. The same (seed, epoch, index) gives the same tensors whatever the
+worker count, batch size or resume point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from clipexp.data.cache import ImageCache
+from clipexp.data.images import ImageDecodeError, load_resized
+from clipexp.data.pairs import ImageTextPair, caption_group_ids, class_names_of
+from clipexp.data.transforms import DEFAULT_TEMPLATES, ImageTransform, TextTransform, processor_mean_std
+from clipexp.data.validation import DataValidationError, Problem
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+_MASK64 = (1 << 64) - 1
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for item ``index`` of epoch ``epoch`` (splitmix64 of the three)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + (int(epoch) + 1) * 0xBF58476D1CE4E5B9 + (int(index) + 1) * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def main_process_single_thread():
+    """Run a block on one intra-op thread when in the main process (no-op inside DataLoader workers,
+    which PyTorch already sets to one thread).
+
+    Per-item work (crop, flip, rotate, stack a batch) is a handful of small memory-bound tensor ops:
+    intra-op threads cost more in synchronisation than they save, and on a busy 2-core machine
+    torch.stack of a 64x3x224x224 batch took 60x longer on 2 threads than on 1 (measured).
+    Toggling ``torch.set_num_threads`` costs under a microsecond.
+    """
+    threads = torch.get_num_threads()
+    if threads <= 1 or get_worker_info() is not None:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _processor_resolution(processor: Any) -> Optional[int]:
+    crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
+    height = crop.get("height") if isinstance(crop, Mapping) else getattr(crop, "height", None)  # dict or SizeDict
+    return int(height) if height else None
+
+
+class CLIPDataset(Dataset):
+    """Image-text pairs -> item dicts (see module doc). Uses each pair's first caption.
+
+    ``processor``: a CLIPProcessor (its tokenizer and image mean/std are used) or a tokenizer.
+    ``config``: an optional :class:`~clipexp.config.CLIPFinetuningConfig` (``image_resolution``,
+    ``max_sequence_length``, ``seed``). Without ``image_transform`` the eval transform is used;
+    for augmentation pass ``ImageTransform(config, augment=True)`` (or use :func:`build_datasets`).
+    ``cache``: an :class:`~clipexp.data.ImageCache` or a mode string (``memory|disk|none|auto``).
+    ``class_names``: the label vocabulary (default: this dataset's sorted labels); give all splits
+    the same one so label indices agree.
+    """
+
+    multi_caption = False
+
+    def __init__(
+        self,
+        pairs: Sequence[ImageTextPair],
+        processor: Any = None,
+        config: Any = None,
+        image_transform: Any = None,
+        text_transform: Optional[TextTransform] = None,
+        *,
+        resolution: Optional[int] = None,
+        max_length: Optional[int] = None,
+        cache: Union[ImageCache, str, None] = None,
+        seed: Optional[int] = None,
+        class_names: Optional[Sequence[str]] = None,
+        prompt_templates: Optional[Sequence[str]] = None,
+    ):
+        self.pairs: List[ImageTextPair] = list(pairs)
+        if any(p.group_id < 0 for p in self.pairs):
+            gids = caption_group_ids(p.captions[0] for p in self.pairs)
+            self.pairs = [dataclasses.replace(p, group_id=g) for p, g in zip(self.pairs, gids)]
+        self.resolution = int(
+            resolution
+            or getattr(image_transform, "resolution", None)
+            or getattr(config, "image_resolution", None)
+            or _processor_resolution(processor)
+            or 224
+        )
+        if image_transform is None:
+            mean, std = processor_mean_std(processor)
+            image_transform = ImageTransform(config, augment=False, resolution=self.resolution, mean=mean, std=std)
+        self.image_transform = image_transform
+        self._random_image = bool(getattr(image_transform, "is_random", True))
+        if text_transform is None:
+            if processor is None:
+                raise ValueError("CLIPDataset needs a processor (or tokenizer) or a text_transform")
+            text_transform = TextTransform(
+                processor, max_length or getattr(config, "max_sequence_length", None), prompt_templates or DEFAULT_TEMPLATES
+            )
+        self.text_transform = text_transform
+        self.max_length = text_transform.max_length
+        self.seed = int(seed if seed is not None else getattr(config, "seed", 0) or 0)
+        self.class_names: List[str] = list(class_names) if class_names is not None else class_names_of(self.pairs)
+        index = {c: i for i, c in enumerate(self.class_names)}
+        unknown = sorted({p.label for p in self.pairs if p.label is not None and p.label not in index})
+        if unknown:
+            raise ValueError(f"labels {unknown} are not in class_names {self.class_names}")
+        self.labels = torch.tensor([index[p.label] if p.label is not None else -1 for p in self.pairs], dtype=torch.long)
+        self.group_ids = torch.tensor([p.group_id for p in self.pairs], dtype=torch.long)
+
+        # tokenise every distinct candidate string once
+        strings: Dict[str, int] = {}
+        self._cands: List[tuple] = []
+        for p in self.pairs:
+            cands = text_transform.candidates(self._item_captions(p), p.label)
+            self._cands.append(tuple(strings.setdefault(s, len(strings)) for s in cands))
+        self.texts: List[str] = list(strings)
+        if strings:
+            self._ids, self._mask = text_transform.encode(self.texts)
+        else:
+            self._ids = self._mask = torch.zeros(0, self.max_length, dtype=torch.long)
+
+        if isinstance(cache, str):
+            cache = ImageCache(cache, self.resolution)
+            cache.prepare(self.image_paths)
+        if cache is not None and cache.mode != "none" and cache.resolution != self.resolution:
+            raise ValueError(f"the image cache holds {cache.resolution}px images but this dataset loads {self.resolution}px")
+        self.cache = cache if cache is not None and cache.mode != "none" else None
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    # ----------------------------------------------------------------------------------------------
+    def _item_captions(self, pair: ImageTextPair) -> List[str]:
+        return pair.captions[:1]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def is_random(self) -> bool:
+        """Whether items depend on (seed, epoch): random image transform or several caption candidates."""
+        return self._random_image or any(len(c) > 1 for c in self._cands)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws the next items use (visible to workers)."""
+        self._epoch[0] = int(epoch)
+
+    @property
+    def captions(self) -> List[str]:
+        """Each item's first caption (retrieval ground truth pairs it with ``group_ids``)."""
+        return [p.captions[0] for p in self.pairs]
+
+    @property
+    def all_captions(self) -> List[List[str]]:
+        return [list(p.captions) for p in self.pairs]
+
+    @property
+    def image_paths(self) -> List[str]:
+        return [str(p.image_path) for p in self.pairs]
+
+    def caption_tokens(self) -> Dict[str, Tensor]:
+        """``input_ids``/``attention_mask`` [N, L] of each item's first caption (no augmentation)."""
+        first = torch.tensor([c[0] for c in self._cands], dtype=torch.long)
+        return {"input_ids": self._ids[first], "attention_mask": self._mask[first]}
+
+    def load_image(self, index: int) -> Tensor:
+        """Decoded, resized uint8 image of item ``index`` (from the cache when there is one)."""
+        pair = self.pairs[index]
+        try:
+            if self.cache is not None:
+                return self.cache.get(pair.image_path)
+            return load_resized(pair.image_path, self.resolution)
+        except ImageDecodeError as err:
+            problem = Problem(pair.source or str(pair.image_path), f"image '{pair.image_path}' {err.reason}")
+            raise DataValidationError(
+                f"{problem} (it passed validation when the data was loaded: the file was changed or removed since)",
+                [problem], pair.source,
+            ) from None
+
+    def __getitem__(self, index: int) -> Dict[str, Tensor]:
+        if index < 0:
+            index += len(self)
+        with main_process_single_thread():
+            return self._item(index)
+
+    def _item(self, index: int) -> Dict[str, Tensor]:
+        image = self.load_image(index)
+        cands = self._cands[index]
+        if self._random_image or len(cands) > 1:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, self.epoch, index))
+                pixels = self.image_transform(image)
+                k = int(torch.randint(len(cands), (1,))) if len(cands) > 1 else 0
+        else:
+            pixels, k = self.image_transform(image), 0
+        t = cands[k]
+        return {
+            "pixel_values": pixels,
+            "input_ids": self._ids[t],
+            "attention_mask": self._mask[t],
+            "labels": self.labels[index],
+            "group_ids": self.group_ids[index],
+            "indices": torch.tensor(index, dtype=torch.long),
+        }
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({len(self)} pairs, {len(self.class_names)} classes, {self.resolution}px, "
+                f"L={self.max_length}, transform={self.image_transform!r}, cache={self.cache!r})")
+
+
+class MultiCaptionCLIPDataset(CLIPDataset):
+    """Several captions per image: each item draws one (seeded by seed, epoch, index).
+
+    Group ids stay those of the pair's first caption whichever caption is drawn.
+    """
+
+    multi_caption = True
+
+    def _item_captions(self, pair: ImageTextPair) -> List[str]:
+        return list(pair.captions)
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer's builder
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSplits:
+    """What :func:`build_datasets` returns. ``val``/``test`` are None when their split is empty."""
+
+    train: CLIPDataset
+    val: Optional[CLIPDataset]
+    test: Optional[CLIPDataset]
+    class_names: List[str]
+    num_pairs: int
+    skipped: List[str] = field(default_factory=list)
+    cache: Optional[ImageCache] = None
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{name} {len(ds) if ds is not None else 0}" for name, ds in
+                          (("train", self.train), ("val", self.val), ("test", self.test)))
+        text = f"{self.num_pairs} pairs ({sizes}); classes: {', '.join(self.class_names) or 'none'}"
+        if self.skipped:
+            text += f"; {len(self.skipped)} problem rows skipped"
+        if self.cache is not None:
+            text += f"; image cache: {self.cache.mode}"
+        return text
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    try:
+        value = cfg.get(key, default)
+    except AttributeError:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def build_datasets(
+    data_cfg: Mapping[str, Any],
+    *,
+    processor: Any,
+    image_resolution: int,
+    max_sequence_length: int,
+    prompt_templates: Optional[Sequence[str]] = None,
+    augmentation: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+) -> DataSplits:
+    """Load, validate, split and wrap a source (``data_cfg``: the keys of ``DataConfig``).
+
+    Validation decodes every image once and, when caching is on (``cache_images``), stores the
+    resized image at the same time, so the first epoch already reads from the cache. Train uses the
+    domain ``augmentation`` when ``augment_images`` and text augmentation when ``augment_text``;
+    val/test use the eval transforms. Pairs with several captions make the train set a
+    :class:`MultiCaptionCLIPDataset`.
+    """
+    from clipexp.data.loaders import read_source
+    from clipexp.data.split import split_pairs
+
+    templates = list(prompt_templates or DEFAULT_TEMPLATES)
+    cache = ImageCache(
+        _get(data_cfg, "cache_images", "auto"),
+        image_resolution,
+        cache_dir=_get(data_cfg, "cache_dir"),
+        memory_mb=_get(data_cfg, "cache_memory_mb", 2048),
+    )
+    pairs, problems = read_source(data_cfg, templates, seed=seed, cache=cache)
+    train_p, val_p, test_p = split_pairs(
+        pairs, _get(data_cfg, "train_split", 0.8), _get(data_cfg, "val_split", 0.1), _get(data_cfg, "test_split", 0.1), seed
+    )
+    if not train_p:
+        raise ValueError(f"the train split is empty ({len(pairs)} pairs, train_split={_get(data_cfg, 'train_split', 0.8)})")
+    class_names = class_names_of(pairs)
+    mean, std = processor_mean_std(processor)
+    common = dict(resolution=image_resolution, mean=mean, std=std)
+    train_tf = ImageTransform(augment=bool(_get(data_cfg, "augment_images", True)), policy=augmentation, **common)
+    eval_tf = ImageTransform(augment=False, **common)
+    train_tt = TextTransform(processor, max_sequence_length, templates, augment=bool(_get(data_cfg, "augment_text", False)))
+    eval_tt = TextTransform(processor, max_sequence_length, templates, augment=False)
+    kw = dict(resolution=image_resolution, cache=cache, seed=seed, class_names=class_names)
+    train_cls = MultiCaptionCLIPDataset if any(len(p.captions) > 1 for p in train_p) else CLIPDataset
+    train = train_cls(train_p, processor, None, train_tf, train_tt, **kw)
+    val = CLIPDataset(val_p, processor, None, eval_tf, eval_tt, **kw) if val_p else None
+    test = CLIPDataset(test_p, processor, None, eval_tf, eval_tt, **kw) if test_p else None
+    splits = DataSplits(train, val, test, class_names, len(pairs), [str(p) for p in problems], cache if cache.mode != "none" else None)
+    log.info("data: %s", splits.summary())
+    return splits

@@ -1,0 +1,132 @@
+"""Decode an image file into a uint8 tensor, and the cacheable "resize the shorter side" step.
+
+The pipeline for every image is ``decode -> resize shorter side to R (uint8 [3, H, W]) -> transform``;
+the first two steps are :func:`load_resized`, whose output is what :class:`~clipexp.data.ImageCache`
+stores. Decoding is *complete* (every byte of the entropy-coded stream is read), so truncated and
+corrupt files fail here with a short reason, never later with a bare PIL traceback.
+
+JPEG and PNG go through ``torchvision.io.decode_image`` (libjpeg-turbo/libpng, ~1.5x faster than PIL here);
+other formats, and anything torchvision refuses, go through PIL, which also turns a refusal into a
+readable reason. EXIF orientation is applied. Note: if some other library sets
+``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` globally, PIL accepts truncated files; the
+torchvision path does not depend on that switch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+Tensor = torch.Tensor
+
+#: Interpolation of the cacheable resize: bicubic + antialias, as CLIP's own image processor.
+RESIZE_INTERPOLATION = InterpolationMode.BICUBIC
+
+
+class ImageDecodeError(ValueError):
+    """An image file cannot be used. ``reason`` completes "image 'x.jpg' ..." (e.g. "not found")."""
+
+    def __init__(self, path: Union[str, Path], reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"image '{path}' {reason}")
+
+
+def _sniff(head: bytes) -> str:
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return ""
+
+
+def read_bytes(path: Union[str, Path]) -> bytearray:
+    """Read a file into a (writable) bytearray, mapping OS errors to :class:`ImageDecodeError`."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = bytearray(size)
+            n = f.readinto(buf)
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "not found") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(path, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageDecodeError(path, "cannot be read (permission denied)") from None
+    except OSError as err:
+        raise ImageDecodeError(path, f"cannot be read ({err.strerror or err})") from None
+    if n != size:
+        del buf[n:]
+    if not buf:
+        raise ImageDecodeError(path, "is empty (0 bytes)")
+    return buf
+
+
+def _decode_pil(data: bytearray, path: Union[str, Path]) -> Tensor:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            im.load()
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "is not an image file (cannot identify image format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(path, f"is too large to decode ({str(err).split('.')[0]})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageDecodeError(path, f"is truncated or corrupt ({str(err) or type(err).__name__})") from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block is not a broken image
+        pass
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return TF.pil_to_tensor(im).contiguous()
+
+
+def decode_image_file(path: Union[str, Path]) -> Tensor:
+    """Fully decode an image file to a uint8 RGB tensor ``[3, H, W]``; raise :class:`ImageDecodeError`."""
+    data = read_bytes(path)
+    if _sniff(bytes(data[:8])):
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            img = None  # let PIL decide, and word the reason
+        if img is not None:
+            if img.dtype != torch.uint8:  # 16-bit PNG
+                img = TF.to_dtype(img, torch.uint8, scale=True)
+            return img
+    return _decode_pil(data, path)
+
+
+def resize_shorter(image: Tensor, resolution: int) -> Tensor:
+    """Resize a uint8 ``[3, H, W]`` tensor so its shorter side is ``resolution`` (no-op when it is)."""
+    h, w = image.shape[-2:]
+    if min(h, w) == resolution:
+        return image
+    return TF.resize(image, [resolution], interpolation=RESIZE_INTERPOLATION, antialias=True)
+
+
+def load_resized(path: Union[str, Path], resolution: int) -> Tensor:
+    """Decode + resize shorter side: the cacheable step. uint8 ``[3, H, W]`` with ``min(H, W) == resolution``."""
+    return resize_shorter(decode_image_file(path), resolution).contiguous()
+
+
+def image_size(path: Union[str, Path]):
+    """``(width, height)`` from the file header only (cheap), or ``None`` when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
