@@ -3,10 +3,16 @@
 Before Hydra runs, a preflight pass checks the command line the way a user expects: an unknown
 group option, a key that does not exist, a value of the wrong type or out of range each end the
 program with one line naming the key, the bad value and what is allowed, and exit code 2.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this same ``main``: after the preflight it
+starts the process group, rank 0 fixes the output folder's time stamp and sends it to the others, and
+ranks > 0 run Hydra without ``.hydra/``, job log file or sweep callbacks, so one folder, one log and
+one MLflow run come out of the job (see README "Scaling out").
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -85,18 +91,50 @@ def compose_and_validate(overrides: List[str]):
     return cfg
 
 
-def preflight(argv: List[str]) -> None:
+def preflight(argv: List[str]):
+    """Check the command line; return the composed run config (None for help, --cfg/--info, sweeps)."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion:
-        return
+        return None
     check_group_options(args.overrides)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeping = args.multirun or any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(args.overrides))
     if not sweeping and not args.cfg and not args.info:
-        compose_and_validate(args.overrides)
+        return compose_and_validate(args.overrides)
+    return None
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def start_distributed(cfg) -> List[str]:
+    """Under torchrun: start the process group and make the ranks agree on one output folder.
+
+    Rank 0 fixes the ``run_stamp`` (the folder name) and broadcasts it; every rank sets it as its own,
+    so ``outputs/<stamp>`` (or ``multirun/<stamp>``) is the same folder on all of them. Returns the extra
+    Hydra overrides of this rank: none for rank 0; for the others no ``.hydra/`` folder, no job log
+    (errors still reach stderr) and no sweep callback (rank 0's opens the MLflow parent run).
+    ``cfg`` (the preflight's composed config, None for a sweep) names the device and the timeout.
+    """
+    from clipexp.config import TrainerConfig, run_stamp
+    from clipexp.distributed import init_distributed
+
+    device = cfg.device.type if cfg is not None else "auto"
+    timeout = cfg.trainer.dist_timeout_s if cfg is not None else TrainerConfig.dist_timeout_s
+    ctx = init_distributed(device, timeout)
+    stamp = ctx.broadcast(run_stamp() if ctx.is_main else None)
+    os.environ["CLIPEXP_RUN_STAMP"] = f"{os.getpid()}|{stamp}"
+    if ctx.is_main:
+        return []
+    from omegaconf import OmegaConf
+
+    callbacks = OmegaConf.select(OmegaConf.load(CONF_DIR / "config.yaml"), "hydra.callbacks", default=None) or {}
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+            *(f"~hydra.callbacks.{name}" for name in callbacks)]
 
 
 def _task(cfg) -> Optional[float]:
@@ -108,15 +146,23 @@ def _task(cfg) -> Optional[float]:
 def main(argv: Optional[List[str]] = None) -> None:
     import hydra
 
+    from clipexp.distributed import destroy, env_world_size
+
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:
-        preflight(sys.argv[1:])
+        cfg = preflight(sys.argv[1:])
     except ConfigError as err:
-        print(f"clipexp: error: {err}", file=sys.stderr)
+        if _is_rank_zero():  # under torchrun every rank finds the same error; one line is enough
+            print(f"clipexp: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     register_configs()
+    distributed = env_world_size() > 1
+    if distributed:
+        sys.argv += start_distributed(cfg)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+    if distributed:
+        destroy()
 
 
 if __name__ == "__main__":

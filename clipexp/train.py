@@ -14,39 +14,55 @@ which applies the run config on the chosen device:
   the epoch, and continues the same MLflow run.
 * A non-finite loss stops the run naming the step; Ctrl-C / SIGTERM save a checkpoint and mark the
   run KILLED; any crash closes the MLflow run as FAILED.
+* Under ``torchrun`` (see :mod:`clipexp.distributed`): DistributedDataParallel over the two towers;
+  ``trainer.batch_size`` is each process's micro-batch and the global batch of a step is
+  ``batch_size x processes x accumulation``; each rank trains on its slice of the same seeded
+  permutation; the loss sees every rank's embeddings, group ids and labels (``gather_with_grad``), so
+  its negatives span the global batch and the gradient is that of the single-process loss on the
+  global batch; the learning rate and ``train/samples_per_s`` refer to the global batch. Evaluation
+  is sharded by batches and gathered in order (the numbers of a single process). Only rank 0 writes
+  checkpoints and outputs, logs to MLflow and prints; every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from clipexp import plots
+from clipexp import distributed, plots
 from clipexp.config import ConfigError, validate
 from clipexp.device import DeviceError, DeviceManager
+from clipexp.distributed import DistContext
 from clipexp.gradcache import exact_accumulation_step
 from clipexp.memory import (
     BatchSizeCache,
     OOMRecovery,
     estimate_batch_size_for_model,
+    is_oom,
     make_train_step_probe,
     resolve_batch_size,
+    split_batch,
 )
 from clipexp.evaluate import class_text_embeddings, evaluate_retrieval, zero_shot_metrics
-from clipexp.losses import TemperatureScheduler, build_loss
+from clipexp.losses import TemperatureScheduler, build_loss, gather_with_grad
 from clipexp.models import ModelLoadError, count_parameters, image_features, load_clip, text_features
 from clipexp.tracking import flatten, git_commit, make_tracker, overrides_run_name
 
@@ -98,14 +114,24 @@ class EpochSampler(Sampler[int]):
 
     Yields ``num_batches * batch_size`` indices: the tail that would not fill a whole optimizer step is
     dropped, so every epoch has the same number of steps.
+
+    Several processes (``world_size`` > 1): every rank draws the same permutation; a step takes the next
+    ``batch_size * world_size`` indices of it (the global batch) and rank ``r`` yields the ``r``-th
+    ``batch_size`` of them, so the ranks' batches concatenated in rank order are the global batch.
+    ``start`` counts indices of the permutation (a multiple of the global batch), as in one process.
     """
 
-    def __init__(self, n: int, batch_size: int, num_batches: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, num_batches: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.num_batches = n, batch_size, num_batches
         self.seed, self.shuffle = seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if self.world_size > 1 and start % self.global_batch:
+            raise ValueError(f"start={start} must be a multiple of the global batch {self.global_batch}")
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[int]:
@@ -114,17 +140,49 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        return iter(order[self.start:self.num_batches * self.batch_size].tolist())
+        order = order[self.start:self.num_batches * self.global_batch]
+        if self.world_size > 1:
+            order = order.view(-1, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return max(0, self.num_batches * self.batch_size - self.start)
+        return max(0, self.num_batches * self.global_batch - self.start) // self.world_size
 
 
-def default_train_workers() -> int:
+def default_train_workers(cores: Optional[int] = None) -> int:
     """Loader workers when ``data.num_workers`` is null: half the cores (at least 1 from 2 cores, at
-    most 4). Augmenting a batch costs about as much as a small model's step, so it runs beside it."""
-    cores = os.cpu_count() or 1
+    most 4). Augmenting a batch costs about as much as a small model's step, so it runs beside it.
+    ``cores``: the cores this process may use (default: all; under torchrun, its share of the node)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        return 0  # inside a launcher's worker process (joblib/loky): nested loader processes are not allowed
+    cores = cores or os.cpu_count() or 1
     return 0 if cores < 2 else min(4, max(1, cores // 2))
+
+
+class DualEncoder(nn.Module):
+    """A CLIP's two towers as one module whose ``forward`` returns both embeddings.
+
+    This is what DistributedDataParallel wraps: DDP synchronises gradients only for a module whose
+    forward it runs. It holds the towers and projections (the same modules as the CLIP, not copies) and
+    not ``logit_scale``: the temperature is used by the loss alone, which every rank computes on the
+    same gathered batch, so its gradient is already the global one on every rank (the trainer averages
+    those few loss-only gradients itself). So no parameter of the wrapped module is ever unused and DDP
+    needs no ``find_unused_parameters``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vision_model, self.visual_projection = model.vision_model, model.visual_projection
+        self.text_model, self.text_projection = model.text_model, model.text_projection
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return image_features(self, pixel_values), text_features(self, input_ids, attention_mask)
+
+
+def _gather(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else gather_with_grad(t)
 
 
 def seed_everything(seed: int) -> None:
@@ -178,6 +236,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, output_dir: Path, overrides: Optional[List[str]] = None,
                  hydra_dir: Optional[Path] = None, tags: Optional[Dict[str, Any]] = None):
         self.cfg = cfg
+        self.dist: DistContext = distributed.current()  # setup() starts the process group under torchrun
         self.extra_tags = dict(tags or {})
         self.output_dir = Path(output_dir)
         self.overrides = list(overrides or [])
@@ -200,12 +259,17 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         validate(cfg)
         _quiet_libraries()
+        self.dist = distributed.init_distributed(cfg.device.type, t.dist_timeout_s)  # single process: no-op
         seed_everything(cfg.seed)
 
         self.devices = DeviceManager(cfg.device.type, cfg.device.precision)
         self.device = self.devices.device
         self.dev = self.devices.info
         self.devices.log_device_info()
+        if self.dist.enabled:
+            if self.dev.type == "mps":
+                raise ConfigError("device.type", cfg.device.type, "cpu or cuda under torchrun (DistributedDataParallel does not run on MPS)")
+            log.info("distributed: %s", self.dist.describe())
 
         # model + processor (weights of a built model follow the seed)
         m = cfg.model
@@ -231,19 +295,31 @@ class Trainer:
         # loss (needed by the batch-size probe), then the batch: micro-batch x accumulation = logical batch
         loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
         self.loss_fn = build_loss(loss_cfg["name"], **loss_cfg).to(self.device)
-        self.batch_size, how = self._resolve_batch_size()
+        # (under torchrun: per process; rank 0 resolves it, so every rank uses the same; the global batch of
+        # a step is logical batch x world size, and every rank takes its slice of the same permutation)
+        world = self.dist.world_size
+        self.batch_size, how = self.dist.broadcast(self._resolve_batch_size() if self.dist.is_main else None)
+        if self.dist.enabled and not self.dist.is_main and t.batch_size is None and self.dev.type == "cuda":
+            torch.manual_seed(cfg.seed)  # as rank 0 after its probe: same RNG on every rank
         n_train = len(self.data.train)
-        self.batch_size = min(self.batch_size, n_train)
+        self.batch_size = min(self.batch_size, max(1, n_train // world))
         self.oom = OOMRecovery(self.batch_size, t.gradient_accumulation_steps, device=self.device)
         self.logical_batch = self.oom.logical_batch
-        log.info("micro-batch %d (%s) x %d accumulation = logical batch %d", self.batch_size, how, t.gradient_accumulation_steps, self.logical_batch)
-        self.steps_per_epoch = max(1, n_train // self.logical_batch)
+        self.global_batch = self.logical_batch * world
+        if world == 1:
+            log.info("micro-batch %d (%s) x %d accumulation = logical batch %d", self.batch_size, how, t.gradient_accumulation_steps, self.logical_batch)
+        else:
+            log.info("micro-batch %d (%s) x %d accumulation x %d processes = global batch %d",
+                     self.batch_size, how, t.gradient_accumulation_steps, world, self.global_batch)
+        self.steps_per_epoch = max(1, n_train // self.global_batch)
         self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
-        self.sampler = EpochSampler(n_train, min(self.logical_batch, n_train), self.steps_per_epoch, cfg.seed, shuffle=cfg.data.shuffle)
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_train_workers()
+        self.sampler = EpochSampler(n_train, min(self.logical_batch, max(1, n_train // world)), self.steps_per_epoch, cfg.seed,
+                                    shuffle=cfg.data.shuffle, rank=self.dist.rank, world_size=world)
+        cores = max(1, (os.cpu_count() or 1) // self.dist.local_world_size)  # this process's share of the node
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_train_workers(cores)
         if self.dev.type == "cpu":
             # leave the loader workers their cores: oversubscribed OpenMP threads cost more than they give
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+            torch.set_num_threads(max(1, cores - workers))
         # Workers are not persistent: each epoch re-forks them after set_epoch, so per-sample augmentation
         # (seeded by seed, epoch, index) is the same whatever the worker count or resume point.
         self.train_loader = DataLoader(
@@ -267,14 +343,24 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.dev.type, enabled=self.dev.use_grad_scaler)
 
         # resume (before tracking: the checkpoint names the MLflow run to continue)
+        # (every rank loads the checkpoint rank 0 resolved: a shared filesystem, as for the outputs)
         resume_state = None
         if t.resume:
-            path = find_latest_checkpoint(self.output_dir) if t.resume == "latest" else Path(t.resume)
-            if path is None or not path.is_file():
+            path = None
+            if self.dist.is_main:
+                path = find_latest_checkpoint(self.output_dir) if t.resume == "latest" else Path(t.resume)
+            path = self.dist.broadcast(path)
+            if path is None or (self.dist.is_main and not path.is_file()):
                 raise ConfigError("trainer.resume", t.resume, "latest (with a checkpoint under outputs/) or a checkpoint file path")
+            if not path.is_file():
+                raise ConfigError("trainer.resume", t.resume, f"a checkpoint every rank can read; rank 0 found {path} but rank "
+                                  f"{self.dist.rank} cannot: put the outputs on a filesystem every node shares")
             resume_state = self.load_checkpoint(path)
 
-        self.tracker = make_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment)
+        # the module the training step runs: the two towers, under DDP when there are several processes
+        self.encoder = self._wrap_encoder()
+
+        self.tracker = make_tracker(cfg.tracking.enabled and self.dist.is_main, cfg.tracking.uri, cfg.tracking.experiment)
         if resume_state is not None and resume_state.get("run_id") and self.tracker.enabled:
             self.tracker.start(run_id=resume_state["run_id"], system_metrics=cfg.tracking.system_metrics)
             self.tracker.set_tags({"resumed_from": str(self.resumed_from), "resumed_at_step": self.step})
@@ -287,6 +373,7 @@ class Trainer:
             self.tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
             self.tracker.log_params({
                 "derived.batch_size": self.batch_size, "derived.logical_batch": self.logical_batch,
+                "derived.world_size": self.dist.world_size, "derived.global_batch": self.global_batch,
                 "derived.total_steps": self.total_steps,
                 "derived.steps_per_epoch": self.steps_per_epoch, "derived.precision": self.dev.precision,
                 "derived.num_parameters": count_parameters(self.model),
@@ -296,9 +383,29 @@ class Trainer:
         log.info(
             "train %d / val %d / test %d pairs; %d steps (%d per epoch) of %d samples (%s accumulation); outputs in %s",
             len(self.data.train), _len(self.data.val), _len(self.data.test), self.total_steps,
-            self.steps_per_epoch, self.logical_batch, t.accumulation, self.output_dir,
+            self.steps_per_epoch, self.global_batch, t.accumulation, self.output_dir,
         )
         return self
+
+    def _wrap_encoder(self) -> nn.Module:
+        """The towers as one module; under torchrun wrapped in DistributedDataParallel.
+
+        Not wrapped when nothing in the towers trains (both locked), or with exact accumulation of
+        several micro-batches: GradCache runs the towers itself (no-grad pass, then re-forward per
+        micro-batch), so that step averages its gradients once, explicitly (``_accumulate``).
+        """
+        encoder = DualEncoder(self.model)
+        t = self.cfg.trainer
+        exact = t.accumulation == "exact" and t.gradient_accumulation_steps > 1
+        if not self.dist.enabled or exact or not any(p.requires_grad for p in encoder.parameters()):
+            return encoder
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # CLIP's buffers (position ids) are constants: no buffer broadcast before every forward
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(encoder, device_ids=device_ids, gradient_as_bucket_view=True, **no_buffer_sync)
 
     def _resolve_batch_size(self) -> tuple[int, str]:
         """Configured, else (CUDA) cached or probed, else a memory estimate, else the notes' defaults."""
@@ -332,7 +439,10 @@ class Trainer:
             for mod in (self.model.text_model, self.model.text_projection):
                 mod.requires_grad_(False)
         if m.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            if self.dist.enabled:  # DDP's reducer and re-entrant checkpointing (transformers 4.x's default) do not mix
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable()
         if d.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if d.compile:
@@ -360,37 +470,78 @@ class Trainer:
             if self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
-            self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.sampler.batch_size)
+            self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.sampler.global_batch)
             self.data.train.set_epoch(self.epoch)
             for batch in self.train_loader:
                 self.batch_in_epoch += 1
                 yield batch
 
+    def _global_loss(self, img: torch.Tensor, txt: torch.Tensor, group_ids: Optional[torch.Tensor] = None,
+                     labels: Optional[torch.Tensor] = None, logit_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The loss over every rank's samples: embeddings (with their gradient), group ids and labels are
+        gathered in rank order first, so negatives and positives span the global batch. One process: the loss."""
+        return self.loss_fn(gather_with_grad(img), gather_with_grad(txt), group_ids=_gather(group_ids), labels=_gather(labels),
+                            logit_scale=logit_scale)
+
     def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         dev = self.device
         with self.dev.autocast():
-            img = image_features(self.model, batch["pixel_values"].to(dev, non_blocking=True))
-            txt = text_features(self.model, batch["input_ids"].to(dev, non_blocking=True), batch["attention_mask"].to(dev, non_blocking=True))
-        return self.loss_fn(img, txt, group_ids=batch["group_ids"].to(dev), labels=batch["labels"].to(dev), logit_scale=self.model.logit_scale)
+            img, txt = self.encoder(batch["pixel_values"].to(dev, non_blocking=True), batch["input_ids"].to(dev, non_blocking=True),
+                                    batch["attention_mask"].to(dev, non_blocking=True))
+        return self._global_loss(img, txt, batch["group_ids"].to(dev), batch["labels"].to(dev), logit_scale=self.model.logit_scale)
 
     def _accumulate(self, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Forward + backward of one logical batch; gradients land in ``.grad``. Returns the loss output."""
+        """Forward + backward of one logical batch; gradients land in ``.grad``. Returns the loss output.
+
+        Several processes: on return ``.grad`` holds the gradient of the global batch's loss on every
+        rank (DDP averages the towers' gradients in the last micro-batch's backward; the loss-only
+        parameters, and every parameter in an exact-accumulation step, are averaged here).
+        """
         if self.cfg.trainer.accumulation == "exact" and len(micro_batches) > 1:
-            out = exact_accumulation_step(self.model, self.loss_fn, micro_batches, device=self.device, autocast=self.dev.autocast,
+            out = exact_accumulation_step(self.model, self._global_loss, micro_batches, device=self.device, autocast=self.dev.autocast,
                                           loss_scale=self.scaler, logit_scale=self.model.logit_scale)
             self._check_finite(out["loss"])
+            self.dist.average_gradients(self._trainable_parameters())
             return out
         total = sum(b["pixel_values"].shape[0] for b in micro_batches)
         loss_sum = 0.0
-        for batch in micro_batches:
-            out = self._forward_loss(batch)
-            self._check_finite(out["loss"])
-            weight = batch["pixel_values"].shape[0] / total  # plain: micro-batch losses averaged by size
-            self.scaler.scale(out["loss"] * weight).backward()
+        for i, batch in enumerate(micro_batches):
+            with self._gradient_sync(last=i == len(micro_batches) - 1):
+                out = self._forward_loss(batch)
+                self._check_finite(out["loss"])
+                weight = batch["pixel_values"].shape[0] / total  # plain: micro-batch losses averaged by size
+                self.scaler.scale(out["loss"] * weight).backward()
             loss_sum += out["loss"].item() * weight
+        self.dist.average_gradients(self._loss_only_parameters())
         out = dict(out)
         out["loss"] = torch.tensor(loss_sum)
         return out
+
+    def _gradient_sync(self, last: bool):
+        """DDP all-reduces gradients in the backward of the last micro-batch only (``no_sync`` before)."""
+        return contextlib.nullcontext() if last or not hasattr(self.encoder, "no_sync") else self.encoder.no_sync()
+
+    def _trainable_parameters(self) -> List[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _loss_only_parameters(self) -> List[torch.Tensor]:
+        """Parameters only the loss uses (the model's and the loss's temperatures, SigLIP's bias): outside DDP."""
+        return [p for p in (self.model.logit_scale, *self.loss_fn.parameters()) if p.requires_grad]
+
+    def _run_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One logical batch with OOM recovery (one process). Under torchrun a rank cannot shrink its
+        micro-batch alone (the others would wait in a collective of another shape), so an OOM stops
+        the run with what to change."""
+        if not self.dist.enabled:
+            return self.oom.run(self._accumulate, batch, cleanup=self._on_oom_cleanup)
+        try:
+            return self._accumulate(split_batch(batch, self.oom.micro))
+        except Exception as err:
+            if is_oom(err):
+                raise ConfigError("trainer.batch_size", self.batch_size,
+                                  f"too large: rank {self.dist.rank} ran out of memory at step {self.step + 1} (under torchrun the "
+                                  f"micro-batch is not halved automatically); lower it and raise trainer.gradient_accumulation_steps") from None
+            raise
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -411,7 +562,7 @@ class Trainer:
             self.evaluate("val")
         batches = self._logical_batches()
         window_loss, window_samples, window_start = [], 0, time.perf_counter()
-        progress = _progress(self.total_steps, self.step, enabled=t.progress)
+        progress = _progress(self.total_steps, self.step, enabled=t.progress and self.dist.is_main)
         stop = self.step >= self.total_steps
         try:
             while not stop:
@@ -424,14 +575,14 @@ class Trainer:
 
                 batch = next(batches)
                 micro_before = self.oom.micro
-                out = self.oom.run(self._accumulate, batch, cleanup=self._on_oom_cleanup)
+                out = self._run_step(batch)
                 if self.oom.micro != micro_before:
                     self.tracker.set_tags({"oom_recovery": f"step {self.step + 1}: micro-batch {micro_before} -> {self.oom.micro}"})
                 step_loss = float(out["loss"])
-                window_samples += batch["pixel_values"].shape[0]
+                window_samples += batch["pixel_values"].shape[0] * self.dist.world_size  # the global batch
 
                 self.scaler.unscale_(self.optimizer)
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                params = self._trainable_parameters()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -461,7 +612,7 @@ class Trainer:
                 stop = stop or self.step >= self.total_steps
         except KeyboardInterrupt:
             progress.close()
-            path = self.save_checkpoint()
+            path = self.save_checkpoint(wait=False)
             self.status = "KILLED"
             log.warning("interrupted at step %d; checkpoint saved to %s (resume with trainer.resume=%s)", self.step, path, path)
             raise
@@ -472,19 +623,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
-    def embed(self, dataset) -> Dict[str, torch.Tensor]:
-        """Embeddings of every pair in ``dataset`` plus its groups and labels, and the mean loss."""
+    def embed(self, dataset) -> Optional[Dict[str, torch.Tensor]]:
+        """Embeddings of every pair in ``dataset`` plus its groups and labels, and the mean loss.
+
+        Several processes: the batches are dealt round-robin to the ranks (batch ``i`` to rank
+        ``i % world_size``) and rank 0 gathers them back in order, so every batch, its loss and the
+        result are those of one process; the other ranks return None.
+        """
         self.model.eval()
-        loader = DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate, num_workers=0)
-        imgs, txts, groups, labels, losses, weights = [], [], [], [], [], []
-        for batch in loader:
+        n, size = len(dataset), self.eval_batch_size
+        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        mine = list(range(self.dist.rank, len(batches), self.dist.world_size))
+        loader = DataLoader(dataset, batch_sampler=[batches[i] for i in mine], collate_fn=self.collate, num_workers=0)
+        parts = []
+        for index, batch in zip(mine, loader):
             with self.dev.autocast():
                 img = image_features(self.model, batch["pixel_values"].to(self.device))
                 txt = text_features(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             out = self.loss_fn(img, txt, group_ids=batch["group_ids"].to(self.device), labels=batch["labels"].to(self.device), logit_scale=self.model.logit_scale)
-            imgs.append(img.float().cpu()), txts.append(txt.float().cpu())
-            groups.append(batch["group_ids"]), labels.append(batch["labels"])
-            losses.append(float(out["loss"])), weights.append(img.shape[0])
+            parts.append((index, img.float().cpu(), txt.float().cpu(), batch["group_ids"], batch["labels"], float(out["loss"]), img.shape[0]))
+        gathered = self.dist.gather(parts)
+        if gathered is None:
+            return None
+        parts = sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])
+        _, imgs, txts, groups, labels, losses, weights = zip(*parts)
         return {
             "image": torch.cat(imgs), "text": torch.cat(txts), "groups": torch.cat(groups), "labels": torch.cat(labels),
             "loss": float(np.average(losses, weights=weights)),
@@ -497,16 +659,21 @@ class Trainer:
             return text_features(self.model, tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float().cpu()
 
     def compute_metrics(self, split: str) -> Dict[str, Any]:
+        """Metrics of a split. Several processes: every rank embeds its share, rank 0 computes the
+        metrics and sends them to the others (``embeddings`` is None there), so all ranks decide alike."""
         dataset = getattr(self.data, split)
         e = self.embed(dataset)
-        metrics: Dict[str, Any] = {"loss": e["loss"], **evaluate_retrieval(e["image"], e["text"], e["groups"])}
-        confusion = None
-        if self.data.class_names and (e["labels"] >= 0).any():
-            class_embeds = class_text_embeddings(self.encode_prompts, list(self.data.class_names), list(self.cfg.domain.prompt_templates))
-            zs = zero_shot_metrics(e["image"], e["labels"], class_embeds)
-            confusion = zs.pop("confusion")
-            metrics.update(zs)
-        return {"metrics": {f"{split}/{k}": v for k, v in metrics.items()}, "confusion": confusion, "embeddings": e}
+        result = None
+        if e is not None:
+            metrics: Dict[str, Any] = {"loss": e["loss"], **evaluate_retrieval(e["image"], e["text"], e["groups"])}
+            confusion = None
+            if self.data.class_names and (e["labels"] >= 0).any():
+                class_embeds = class_text_embeddings(self.encode_prompts, list(self.data.class_names), list(self.cfg.domain.prompt_templates))
+                zs = zero_shot_metrics(e["image"], e["labels"], class_embeds)
+                confusion = zs.pop("confusion")
+                metrics.update(zs)
+            result = {"metrics": {f"{split}/{k}": v for k, v in metrics.items()}, "confusion": confusion}
+        return {**self.dist.broadcast(result), "embeddings": e}
 
     def evaluate(self, split: str = "val") -> bool:
         """Evaluate, log, track the best checkpoint. Returns whether the monitored metric improved."""
@@ -530,15 +697,28 @@ class Trainer:
             self.best_value, self.best_step = value, self.step
             self.evals_without_improvement = 0
             self.results["best"] = dict(metrics)
-            atomic_save({"model": self.model.state_dict(), "loss_fn": self.loss_fn.state_dict(), "step": self.step,
-                         "monitor": t.monitor, "value": value}, self.ckpt_dir / "best.pt")
+            if self.dist.is_main:  # the other ranks read it only in finish(), after rank 0 says it exists
+                atomic_save({"model": self.model.state_dict(), "loss_fn": self.loss_fn.state_dict(), "step": self.step,
+                             "monitor": t.monitor, "value": value}, self.ckpt_dir / "best.pt")
             self._log({f"best/{t.monitor}": value})
         else:
             self.evals_without_improvement += 1
         return better
 
     # ---------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, wait: bool = True) -> Path:
+        """Rank 0 writes the checkpoint; with ``wait`` every rank waits for it (a barrier). The
+        interrupt path passes ``wait=False``: the ranks may be stopped at different points."""
+        path = self.ckpt_dir / f"step_{self.step:07d}.pt"
+        if self.dist.is_main:
+            self._write_checkpoint(path)
+        if wait:
+            self.dist.barrier()
+        if wait or self.dist.is_main:
+            self.last_checkpoint = path
+        return path
+
+    def _write_checkpoint(self, path: Path) -> None:
         state = {
             "model": self.model.state_dict(), "loss_fn": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
@@ -548,11 +728,9 @@ class Trainer:
             "history": self.history, "results": self.results, "rng": rng_state(),
             "run_id": getattr(self.tracker, "run_id", None), "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        path = atomic_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+        atomic_save(state, path)
         for old in sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.cfg.trainer.keep_last]:
             old.unlink(missing_ok=True)
-        self.last_checkpoint = path
-        return path
 
     def load_checkpoint(self, path: Path) -> Dict[str, Any]:
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -568,7 +746,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.oom.load_state_dict(state["oom"])
         best = path.parent / "best.pt"
-        if best.is_file() and best.parent != self.ckpt_dir:
+        if self.dist.is_main and best.is_file() and best.parent != self.ckpt_dir:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.ckpt_dir / "best.pt").write_bytes(best.read_bytes())
         self.resumed_from = path
@@ -578,21 +756,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ finishing
     def finish(self) -> None:
-        """Test evaluation with the best weights, plots, the model, the metrics JSON; all logged."""
+        """Test evaluation with the best weights, plots, the model, the metrics JSON; all logged.
+
+        Several processes: every rank loads the best weights and takes part in the test evaluation;
+        only rank 0 writes the outputs.
+        """
         best = self.ckpt_dir / "best.pt"
-        if best.is_file():
+        if self.dist.broadcast(best.is_file()):  # (rank 0 wrote it; the broadcast also waits for that)
             state = torch.load(best, map_location=self.device, weights_only=False)
             self.model.load_state_dict(state["model"])
             self.loss_fn.load_state_dict(state["loss_fn"])
             log.info("test evaluation uses the best checkpoint (%s=%.4f at step %d)", state["monitor"], state["value"], state["step"])
         plot_dir = self.output_dir / "plots"
-        plot_dir.mkdir(parents=True, exist_ok=True)
         split = "test" if self.data.test is not None else "val" if self.data.val is not None else None
-        if split is not None:
-            result = self.compute_metrics(split)
-            if split == "test":
-                self._log(result["metrics"])
-                self.results["test"] = dict(result["metrics"])
+        result = self.compute_metrics(split) if split is not None else None
+        if result is not None and split == "test":
+            self._log(result["metrics"])
+            self.results["test"] = dict(result["metrics"])
+        if not self.dist.is_main:
+            return
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        if result is not None:
             e = result["embeddings"]
             n = min(16, e["image"].shape[0])
             plots.similarity_heatmap(e["image"][:n] @ e["text"][:n].T, _captions(getattr(self.data, split), n),
@@ -687,13 +871,16 @@ def run(cfg: DictConfig) -> Optional[float]:
 
     A single run ends a user error with one line and exit code 2 (1 for a non-finite loss). In a sweep a
     failing job is recorded (its MLflow run FAILED, the error in its log) and returns NaN, so the other
-    jobs go on and the sweep summary lists it.
+    jobs go on and the sweep summary lists it. Under torchrun any failure ends the process (see
+    :func:`_stop_rank`): the ranks cannot be trusted to agree on the next collective.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from clipexp.data import DataValidationError
 
+    if distributed.env_world_size() > 1 and int(os.environ.get("RANK", "0")) > 0:
+        _quiet_this_rank()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     output_dir = Path(hc.runtime.output_dir)
@@ -706,10 +893,14 @@ def run(cfg: DictConfig) -> Optional[float]:
         trainer.setup()
         results = trainer.train()
     except KeyboardInterrupt:
+        if trainer.dist.enabled:
+            _stop_rank(trainer, None, user_errors)
         trainer.cleanup("KILLED")
         print(f"clipexp: interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
+        if trainer.dist.enabled:
+            _stop_rank(trainer, err, user_errors)
         trainer.cleanup("FAILED")
         expected = isinstance(err, user_errors)
         if multirun:
@@ -726,10 +917,85 @@ def run(cfg: DictConfig) -> Optional[float]:
     finally:
         signal.signal(signal.SIGTERM, previous)
     trainer.cleanup("FINISHED")
-    print(summary_table(results))
-    print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
+    if trainer.dist.is_main:
+        print(summary_table(results))
+        print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
     return trainer.best_value
 
 
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _quiet_this_rank() -> None:
+    """Ranks > 0 log errors only, to stderr, and leave warnings to rank 0 (torchrun ranks get their
+    logging from ``__main__``'s Hydra overrides; the tasks of a submitit job get it here)."""
+    import warnings
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+
+def _stop_rank(trainer: "Trainer", err: Optional[BaseException], user_errors: tuple) -> None:
+    """End this rank of a torchrun job after an error (``err``) or an interrupt (``err=None``); never returns.
+
+    The job ends with one line that says which rank failed and why, whatever rank prints it:
+
+    * A rank whose own code failed leaves ``rank N failed: ...`` in the rendezvous store, then exits
+      (a user error: the one line, exit code 2 or 1, as in one process; a bug: its traceback too).
+    * torchrun then stops the other ranks (SIGTERM, seen here as an interrupt), or their next collective
+      fails first (the peer is gone, or ``trainer.dist_timeout_s`` ran out). They read the store: rank 0
+      prints the failed rank's message; with no message (a rank was killed or hangs) it says so.
+    * Ctrl-C (torchrun forwards SIGINT) with no failure anywhere: as in one process, rank 0 saves a
+      checkpoint, marks the run KILLED, prints where it is and exits 130.
+
+    Rank 0 closes the MLflow run: FAILED, or KILLED for an interrupt. An error that every rank hit
+    alike (a bad value, a non-finite loss) is printed once, by rank 0.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut this cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    ctx, step = trainer.dist, trainer.step + 1
+    own_failure = err is not None and not distributed.is_collective_error(err)
+    if own_failure:
+        expected = isinstance(err, user_errors)
+        what = str(err) if expected else f"{type(err).__name__}: {_first_line(err)}"
+        ctx.report("failed", f"rank {ctx.rank} failed at step {step}: {what}")
+        status, show = "FAILED", ctx.is_main or not expected
+        code = EXIT_FAILED if isinstance(err, NonFiniteLossError) or not expected else EXIT_USAGE
+        line = f"clipexp: error: {err}" if expected else f"clipexp: error: rank {ctx.rank}: {what}"
+        if not expected:
+            traceback.print_exception(err)
+    elif (cause := ctx.reported_elsewhere("failed")) is not None:
+        status, code, show, line = "FAILED", EXIT_FAILED, ctx.is_main, f"clipexp: error: {cause}"
+    elif err is None or ctx.reported_elsewhere("interrupted") is not None:
+        if err is None:
+            ctx.report("interrupted", f"rank {ctx.rank} interrupted")
+        elif ctx.is_main and getattr(trainer, "optimizer", None) is not None:
+            with contextlib.suppress(Exception):  # another rank was interrupted first: save here too
+                trainer.save_checkpoint(wait=False)
+        status, code, show = "KILLED", EXIT_INTERRUPTED, ctx.is_main
+        line = f"clipexp: interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint}"
+    else:
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(err))  # gloo prefixes its source location
+        status, code, show = "FAILED", EXIT_FAILED, True
+        line = (f"clipexp: error: rank {ctx.rank} lost the other ranks at step {step} ({reason}); another rank was "
+                f"killed or hung: see its log (a collective fails after trainer.dist_timeout_s={ctx.timeout_s:g}s)")
+    try:
+        trainer.cleanup(status)
+    except Exception as cleanup_err:  # noqa: BLE001 - the line below matters more than the run's status
+        log.error("could not close the MLflow run as %s: %s", status, cleanup_err)
+    if show:
+        print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if err is not None and not own_failure:  # a process group broken mid-collective can abort in interpreter teardown
+        os._exit(code)
+    sys.exit(code)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
