@@ -838,16 +838,19 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def summary_table(results: Dict[str, Dict[str, float]]) -> str:
-    """Baseline vs final (val) and test, for the metrics users read first."""
-    base, final, test = results.get("baseline", {}), results.get("final", {}), results.get("test", {})
+def summary_table(results: Dict[str, Dict[str, float]], best_step: Optional[int] = None) -> str:
+    """Baseline, final and best validation metrics and the test metrics, for the metrics users read first."""
+    cols = [("baseline", "baseline", "val"), ("final", "final", "val"), ("best", "best", "val"), ("test", "test", "test")]
     rows = ["loss", "i2t_R1", "i2t_R5", "t2i_R1", "t2i_R5", "zeroshot_acc", "zeroshot_balanced_acc"]
-    lines = [f"{'metric':<24}{'baseline':>10}{'final':>10}{'test':>10}"]
+    lines = [f"{'metric':<24}" + "".join(f"{title:>10}" for title, _, _ in cols)]
     for r in rows:
-        vals = [d.get(f"{split}/{r}") for d, split in ((base, "val"), (final, "val"), (test, "test"))]
+        vals = [results.get(key, {}).get(f"{split}/{r}") for _, key, split in cols]
         if all(v is None for v in vals):
             continue
         lines.append(f"{r:<24}" + "".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in vals))
+    at = f" (step {best_step})" if best_step is not None else ""
+    lines.append(f"baseline = validation at step 0, final = at the last step, best = at the best step{at}; "
+                 f"test = test split with the best checkpoint")
     return "\n".join(lines)
 
 
@@ -918,7 +921,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         signal.signal(signal.SIGTERM, previous)
     trainer.cleanup("FINISHED")
     if trainer.dist.is_main:
-        print(summary_table(results))
+        print(summary_table(results, trainer.best_step))
         print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
     return trainer.best_value
 

@@ -70,3 +70,19 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     path = atomic_save({"x": torch.ones(2)}, tmp_path / "ckpt" / "a.pt")
     assert torch.load(path)["x"].tolist() == [1.0, 1.0]
     assert [p.name for p in path.parent.iterdir()] == ["a.pt"]
+
+
+def test_summary_table_lists_baseline_final_best_and_test():
+    from clipexp.train import summary_table
+
+    results = {
+        "baseline": {"val/loss": 4.0, "val/zeroshot_acc": 0.25},
+        "final": {"val/loss": 3.5, "val/zeroshot_acc": 0.5},
+        "best": {"val/loss": 3.6, "val/zeroshot_acc": 0.625},
+        "test": {"test/loss": 3.7, "test/zeroshot_acc": 0.6},
+    }
+    lines = summary_table(results, best_step=40).splitlines()
+    assert lines[0].split() == ["metric", "baseline", "final", "best", "test"]
+    assert lines[1].split() == ["loss", "4.0000", "3.5000", "3.6000", "3.7000"]
+    assert lines[2].split() == ["zeroshot_acc", "0.2500", "0.5000", "0.6250", "0.6000"]
+    assert lines[3].startswith("baseline = validation at step 0") and "(step 40)" in lines[3]
