@@ -100,6 +100,10 @@ def free_memory(device: Union[str, torch.device, None] = None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+class BatchTooLargeError(RuntimeError):
+    """Even a micro-batch of one sample does not fit. One line with what to change."""
+
+
 def find_max_batch_size(
     probe: Callable[[int], Any],
     *,
@@ -557,7 +561,7 @@ class OOMRecovery:
 
     def on_oom(self) -> Tuple[int, int]:
         if self.micro <= 1:
-            raise RuntimeError(
+            raise BatchTooLargeError(
                 f"out of memory at micro-batch 1 (logical batch {self.logical_batch}); use a smaller model or "
                 f"image_resolution, set model.gradient_checkpointing=true, lock a tower, or use bf16/fp16"
             )

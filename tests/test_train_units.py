@@ -86,3 +86,10 @@ def test_summary_table_lists_baseline_final_best_and_test():
     assert lines[1].split() == ["loss", "4.0000", "3.5000", "3.6000", "3.7000"]
     assert lines[2].split() == ["zeroshot_acc", "0.2500", "0.5000", "0.6250", "0.6000"]
     assert lines[3].startswith("baseline = validation at step 0") and "(step 40)" in lines[3]
+
+
+def test_default_loader_workers_per_device_and_cores():
+    from clipexp.train import default_train_workers
+
+    assert [default_train_workers(c, "cpu") for c in (1, 2, 3, 4, 8, 32)] == [0, 0, 0, 1, 2, 4]
+    assert [default_train_workers(c, "cuda") for c in (1, 2, 4, 8, 16)] == [0, 1, 2, 4, 4]

@@ -1,0 +1,602 @@
+"""Training throughput of clipexp against its compute limit and against a Hugging Face Trainer.
+
+    python benchmarks/throughput.py                          # small CLIP, textile JPEGs, batch 64, CPU
+    python benchmarks/throughput.py --steps 20 --repeats 3
+    python benchmarks/throughput.py --model vit-b32-arch --device cuda --precision bf16 --batch-size 256
+
+Three measurements of the same model, data and batch, each in its own process (so thread settings,
+memory peaks and caches of one never leak into another), ``--repeats`` times, interleaved:
+
+(a) clipexp   the clipexp ``Trainer`` end to end on the real textile JPEGs (decode + cache, augmentation,
+              loader workers, forward/backward, clipping, AdamW, logging), tracking off, no evaluation
+              or checkpoint before the last step. Timed from the end of optimizer step ``--warmup`` to
+              the end of the last step.
+(b) bare      the same model's training step on tensors already on the device: forward of both towers
+              in the run's precision, the clipexp loss, backward, gradient clipping, AdamW. No data,
+              no bookkeeping: the compute limit the trainer is measured against.
+(c) hf        ``transformers.Trainer`` on the same model (same architecture and seed), the same training
+              images and batch, fed by the dataset most people start from: open each JPEG with PIL, run
+              the ``CLIPProcessor`` on it and tokenize its caption per item; ``CLIPModel(return_loss=True)``
+              gives the CLIP loss. Its defaults otherwise (0 loader workers, fused AdamW).
+
+Printed: samples/s of each (median and range over the repeats), the ratios a/b and a/c, peak memory
+(CPU: peak RSS of the process, and of the process plus its loader workers sampled every 50 ms; CUDA:
+``torch.cuda.max_memory_allocated``), and the model FLOPs per sample with the achieved TFLOP/s and the
+model FLOPs utilisation (MFU) where the device's peak is known. FLOPs are counted per layer, forward
+``2 x MACs`` of every matmul (QKV/output projections, MLP, attention scores and values, patch embedding,
+projections), training = 3 x forward (backward ~ 2 x forward); embeddings, norms, softmax and the loss
+are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULT_MARK = "THROUGHPUT_RESULT "
+
+# ViT sizes per --model. "small": the CPU target of the issue (4+4 layers, width 256).
+MODELS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(resolution=64, arch=dict(projection_dim=64, patch_size=8, vision_hidden_size=64, vision_layers=2, vision_heads=2,
+                                          vision_intermediate_size=128, text_hidden_size=64, text_layers=2, text_heads=2,
+                                          text_intermediate_size=128)),
+    "small": dict(resolution=224, arch=dict(projection_dim=256, patch_size=32, vision_hidden_size=256, vision_layers=4, vision_heads=4,
+                                            vision_intermediate_size=1024, text_hidden_size=256, text_layers=4, text_heads=4,
+                                            text_intermediate_size=1024)),
+    # OpenAI CLIP ViT-B/32's architecture with random weights (vocabulary: clipexp's 514 byte-level tokens,
+    # not 49,408 BPE tokens: 25M fewer embedding parameters, no difference in matmul FLOPs)
+    "vit-b32-arch": dict(resolution=224, arch=dict(projection_dim=512, patch_size=32, vision_hidden_size=768, vision_layers=12,
+                                                   vision_heads=12, vision_intermediate_size=3072, text_hidden_size=512, text_layers=12,
+                                                   text_heads=8, text_intermediate_size=2048)),
+}
+
+# Dense (no sparsity) peak TFLOP/s of tensor cores by device name: (bf16/fp16, tf32). Datasheet figures.
+PEAK_TFLOPS = [
+    ("H200", (989.0, 494.0)),
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100 NVL", (835.0, 418.0)),
+    ("H100", (989.0, 494.0)),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("GH200", (989.0, 494.0)),
+    ("B200", (2250.0, 1100.0)),
+    ("A100", (312.0, 156.0)),
+    ("L40S", (362.0, 183.0)),
+    ("L4", (121.0, 60.0)),
+    ("A10G", (70.0, 35.0)),
+    ("A10", (125.0, 62.5)),
+    ("RTX 4090", (165.0, 82.6)),
+    ("RTX 3090", (71.0, 35.6)),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def model_spec(args) -> Dict[str, Any]:
+    spec = MODELS[args.model]
+    arch = dict(spec["arch"])
+    if args.patch is not None:
+        arch["patch_size"] = args.patch
+    return {"arch": arch, "resolution": args.resolution or spec["resolution"], "seq_len": 77}
+
+
+def flops_per_sample(arch: Dict[str, int], resolution: int, seq_len: int) -> Dict[str, float]:
+    """Matmul FLOPs of one sample (see the module doc): forward, and training (3 x forward)."""
+
+    def layer(n: int, d: int, f: int) -> float:
+        return 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d  # QKV+out, MLP, QK^T and attention x V
+
+    p = arch["patch_size"]
+    patches = (resolution // p) ** 2
+    n_v, d_v, d_t = patches + 1, arch["vision_hidden_size"], arch["text_hidden_size"]
+    vision = arch["vision_layers"] * layer(n_v, d_v, arch["vision_intermediate_size"]) + 2 * patches * 3 * p * p * d_v
+    text = arch["text_layers"] * layer(seq_len, d_t, arch["text_intermediate_size"])
+    heads = 2 * (d_v + d_t) * arch["projection_dim"]
+    forward = vision + text + heads
+    return {"forward": forward, "train": 3 * forward, "vision_tokens": n_v, "text_tokens": seq_len}
+
+
+def peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    for key, (half, tf32) in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return half if precision in ("bf16", "fp16") else tf32
+    return None
+
+
+class MemoryWatch:
+    """Peak RSS of this process and of this process + its children (loader workers), sampled every 50 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak_tree = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                total = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(recursive=True))
+            except Exception:  # a worker exiting between listing and reading
+                total = 0
+            self.peak_tree = max(self.peak_tree, total)
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> Dict[str, float]:
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_tree_rss_mb": self.peak_tree / 2**20}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (loader workers) so far."""
+    import psutil
+
+    proc = psutil.Process()
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except Exception:  # exited meanwhile
+            pass
+    return total
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _device_info(device: str) -> Dict[str, Any]:
+    import torch
+
+    if device == "cuda":
+        return {"device_name": torch.cuda.get_device_name(0)}
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device_name": f"{name} ({os.cpu_count()} cores)"}
+
+
+def _clipexp_overrides(args, spec) -> List[str]:
+    arch = [f"model.architecture.{k}={v}" for k, v in spec["arch"].items()]
+    steps = args.warmup + args.steps
+    out = [
+        "model=tiny", f"model.name=bench_{args.model}", f"model.image_resolution={spec['resolution']}",
+        f"model.max_sequence_length={spec['seq_len']}", *arch,
+        "data=textile", f"domain={args.domain}", "tracking.enabled=false",
+        f"device.type={args.device}", f"device.precision={args.precision}",
+        f"trainer.batch_size={args.batch_size}", f"trainer.max_steps={steps}", "trainer.warmup_steps=0",
+        "trainer.learning_rate=1e-4", "trainer.eval_at_start=false",
+        f"trainer.eval_steps={10 ** 9}", f"trainer.save_steps={10 ** 9}", "trainer.logging_steps=1", "trainer.progress=false",
+        f"seed={args.seed}",
+    ]
+    if args.workers is not None:
+        out.append(f"data.num_workers={args.workers}")
+    return out + list(args.set)
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) the clipexp Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+def measure_clipexp(args) -> Dict[str, Any]:
+    import torch
+
+    from clipexp.__main__ import compose_and_validate
+    from clipexp.train import Trainer
+
+    spec = model_spec(args)
+    cfg = compose_and_validate(_clipexp_overrides(args, spec))
+    stamps: List[float] = []
+    cpu: List[float] = []
+    total = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as out, MemoryWatch() as mem:
+        trainer = Trainer(cfg, Path(out))
+        t0 = time.perf_counter()
+        trainer.setup()
+        setup_s = time.perf_counter() - t0
+        update = trainer.scaler.update
+
+        def timed_update(*a, **k):  # once per optimizer step, right after it (also when fp16 skips a step)
+            result = update(*a, **k)
+            if len(stamps) + 1 in (args.warmup, total):
+                _sync(args.device)
+                cpu.append(cpu_seconds())
+            stamps.append(time.perf_counter())
+            return result
+
+        trainer.scaler.update = timed_update
+        if args.trainer_threads:  # experiment: override the trainer's CPU thread choice (cores - loader workers)
+            torch.set_num_threads(args.trainer_threads)
+        threads = torch.get_num_threads()
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            trainer.train()
+        finally:
+            trainer.cleanup()
+    elapsed = stamps[total - 1] - stamps[args.warmup - 1]
+    samples = args.steps * trainer.global_batch if hasattr(trainer, "global_batch") else args.steps * trainer.logical_batch
+    hist = [v for s, v in trainer.history.get("train/samples_per_s", []) if s > args.warmup]
+    result = {
+        "samples_per_s": samples / elapsed, "step_s": elapsed / args.steps, "setup_s": setup_s,
+        "cpu_ms_per_sample": 1e3 * (cpu[-1] - cpu[0]) / samples,
+        "history_samples_per_s": (len(hist) / sum(1 / v for v in hist)) if hist else None,
+        "threads": threads, "workers": trainer.train_loader.num_workers,
+        "cache": getattr(trainer.data.cache, "mode", "none") if trainer.data.cache is not None else "none",
+        "train_pairs": len(trainer.data.train), "precision": trainer.dev.precision, **mem.result(),
+    }
+    if args.device == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) the bare model step
+# --------------------------------------------------------------------------------------------------
+
+
+def measure_bare(args) -> Dict[str, Any]:
+    import torch
+    from omegaconf import OmegaConf
+
+    from clipexp.__main__ import compose_and_validate
+    from clipexp.device import DeviceManager
+    from clipexp.losses import build_loss
+    from clipexp.models.clip import build_model, image_features, text_features
+    from clipexp.train import param_groups
+
+    spec = model_spec(args)
+    cfg = compose_and_validate(_clipexp_overrides(args, spec))
+    if args.measure == "b1" and args.device == "cpu":  # the compute threads the trainer keeps for itself on CPU
+        from clipexp.train import default_train_workers
+
+        cores = os.cpu_count() or 1
+        workers = args.workers if args.workers is not None else default_train_workers(cores)
+        torch.set_num_threads(max(1, cores - workers))
+    elif args.bare_threads:
+        torch.set_num_threads(args.bare_threads)
+    dev = DeviceManager(args.device, args.precision).info
+    device = torch.device(dev.type)
+    torch.manual_seed(args.seed)
+    with MemoryWatch() as mem:
+        model = build_model(spec["arch"], spec["resolution"], spec["seq_len"]).to(device).train()
+        loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+        loss_fn = build_loss(loss_cfg["name"], **loss_cfg).to(device)
+        t = cfg.trainer
+        optimizer = torch.optim.AdamW(param_groups({"model": model, "loss": loss_fn}, t.weight_decay), lr=1e-4,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                      fused=True if (t.fused_adamw and dev.type == "cuda") else None)
+        scaler = torch.amp.GradScaler(dev.type, enabled=dev.use_grad_scaler)
+        b, r, L = args.batch_size, spec["resolution"], spec["seq_len"]
+        vocab = model.config.text_config.vocab_size
+        g = torch.Generator().manual_seed(args.seed)
+        pixels = torch.randn(b, 3, r, r, generator=g).to(device)
+        ids = torch.randint(0, vocab - 2, (b, L), generator=g)
+        ids[:, -1] = model.config.text_config.eos_token_id
+        ids, mask = ids.to(device), torch.ones(b, L, dtype=torch.long, device=device)
+        groups = labels = torch.arange(b, device=device)
+        params = [p for grp in optimizer.param_groups for p in grp["params"]]
+
+        def step():
+            with dev.autocast():
+                img = image_features(model, pixels)
+                txt = text_features(model, ids, mask)
+            out = loss_fn(img, txt, group_ids=groups, labels=labels, logit_scale=model.logit_scale)
+            scaler.scale(out["loss"]).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            step()
+        _sync(args.device)
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        for _ in range(args.steps):
+            step()
+        _sync(args.device)
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    result = {"samples_per_s": args.steps * b / elapsed, "step_s": elapsed / args.steps, "threads": torch.get_num_threads(),
+              "cpu_ms_per_sample": 1e3 * cpu / (args.steps * b),
+              "params": sum(p.numel() for p in model.parameters()), "precision": dev.precision, **mem.result()}
+    if args.device == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) a Hugging Face transformers.Trainer with a plain PIL dataset
+# --------------------------------------------------------------------------------------------------
+
+
+class PILCaptionDataset:
+    """What most people write first: open the image, run the CLIPProcessor, tokenize, per item."""
+
+    def __init__(self, paths: List[str], captions: List[str], processor, max_length: int):
+        self.paths, self.captions, self.processor, self.max_length = paths, captions, processor, max_length
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        from PIL import Image
+
+        image = Image.open(self.paths[i]).convert("RGB")
+        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        tok = self.processor.tokenizer(self.captions[i], padding="max_length", truncation=True, max_length=self.max_length,
+                                       return_tensors="pt")
+        return {"pixel_values": pixels, "input_ids": tok["input_ids"][0], "attention_mask": tok["attention_mask"][0]}
+
+
+def clip_collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    import torch
+
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    batch["return_loss"] = True
+    return batch
+
+
+def measure_hf(args) -> Dict[str, Any]:
+    import torch
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainerCallback, TrainingArguments
+
+    from clipexp.data.loaders import read_source
+    from clipexp.data.split import split_pairs
+    from clipexp.models.clip import build_model, build_processor
+
+    spec = model_spec(args)
+    pairs, _ = read_source({"source": "textile", "check_images": False}, seed=args.seed)
+    train, _, _ = split_pairs(pairs, 0.8, 0.1, 0.1, args.seed)
+    processor = build_processor(spec["resolution"], spec["seq_len"])
+    dataset = PILCaptionDataset([str(p.image_path) for p in train], [p.captions[0] for p in train], processor, spec["seq_len"])
+    torch.manual_seed(args.seed)
+    model = build_model(spec["arch"], spec["resolution"], spec["seq_len"])
+    stamps: List[float] = []
+    cpu: List[float] = []
+    total = args.warmup + args.steps
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            if len(stamps) + 1 in (args.warmup, total):
+                _sync(args.device)
+                cpu.append(cpu_seconds())
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out, MemoryWatch() as mem:
+        targs = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=total, learning_rate=1e-4,
+            save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_num_workers=args.workers if args.workers is not None else 0, remove_unused_columns=False,
+            bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=args.device == "cpu", seed=args.seed,
+        )
+        trainer = HFTrainer(model=model, args=targs, train_dataset=dataset, data_collator=clip_collate, callbacks=[Stamp()])
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    elapsed = stamps[total - 1] - stamps[args.warmup - 1]
+    result = {"samples_per_s": args.steps * args.batch_size / elapsed, "step_s": elapsed / args.steps, "threads": torch.get_num_threads(),
+              "cpu_ms_per_sample": 1e3 * (cpu[-1] - cpu[0]) / (args.steps * args.batch_size), "workers": targs.dataloader_num_workers, "optim": getattr(targs.optim, "value", str(targs.optim)), "train_pairs": len(dataset), **mem.result()}
+    if args.device == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+MEASURES = {"a": measure_clipexp, "b": measure_bare, "b1": measure_bare, "c": measure_hf}
+LABELS = {"a": "(a) clipexp Trainer, end to end", "b": "(b) bare model step (tensors)",
+          "b1": "(b') bare step, trainer's threads", "c": "(c) HF transformers.Trainer + PIL"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration and report
+# --------------------------------------------------------------------------------------------------
+
+
+def _child(args, which: str) -> Dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", which, *args.argv]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            result = json.loads(line[len(RESULT_MARK):])
+            result["wall_s"] = time.perf_counter() - t0
+            return result
+    raise RuntimeError(f"measurement {which} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _spread(values: List[float]) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:8.2f}"
+    return f"{med:8.2f}  [{min(values):.2f}-{max(values):.2f}]"
+
+
+def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> None:
+    spec = model_spec(args)
+    a = spec["arch"]
+    fl = flops_per_sample(a, spec["resolution"], spec["seq_len"])
+    params = next((r["params"] for k in ("b", "b1") for r in results.get(k, [])), None)
+    precision = next((r["precision"] for k in ("a", "b") for r in results.get(k, [])), args.precision)
+    print()
+    print(f"model   {args.model}: vision {a['vision_layers']} layers x {a['vision_hidden_size']} (patch {a['patch_size']}, "
+          f"{spec['resolution']} px, {fl['vision_tokens']} tokens), text {a['text_layers']} layers x {a['text_hidden_size']} "
+          f"({spec['seq_len']} tokens), projection {a['projection_dim']}"
+          + (f"; {params / 1e6:.2f}M parameters" if params else ""))
+    print(f"        {fl['train'] / 1e9:.2f} GFLOP per sample per training step (matmuls, 3 x forward {fl['forward'] / 1e9:.2f})")
+    print(f"run     batch {args.batch_size}, {precision}, {args.device}: {device_name}; {args.steps} timed steps after "
+          f"{args.warmup} warm-up; {args.repeats} repeat(s), interleaved, each measurement in its own process")
+    a0 = next(iter(results.get("a", [])), None)
+    c0 = next(iter(results.get("c", [])), None)
+    data = f"data    textile JPEGs ({(a0 or c0 or {}).get('train_pairs', '?')} train pairs), domain={args.domain} augmentation in (a)"
+    if a0:
+        data += f"; (a): {a0['workers']} loader worker(s), {a0['threads']} torch thread(s), image cache {a0['cache']}"
+    b0 = next(iter(results.get("b", [])), None)
+    if b0:
+        data += f"; (b): {b0['threads']} thread(s)"
+    b1 = next(iter(results.get("b1", [])), None)
+    if b1:
+        data += f"; (b'): {b1['threads']} thread(s)"
+    if c0:
+        data += f"; (c): {c0['workers']} loader worker(s), {c0['threads']} thread(s), optim {c0['optim']}"
+    print(data)
+    print()
+    mem_key = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
+    mem_label = "peak CUDA MB" if args.device == "cuda" else "peak RSS MB (+workers)"
+    print(f"{'':36}{'samples/s median [min-max]':>30}{'s/step':>9}{'CPU ms/sample':>15}{mem_label:>26}{'TFLOP/s':>9}{'MFU':>8}")
+    peak = args.peak_tflops or (peak_tflops(device_name, precision) if args.device == "cuda" else None)
+    medians = {}
+    for k in ("a", "b", "b1", "c"):
+        rs = results.get(k)
+        if not rs:
+            continue
+        sps = [r["samples_per_s"] for r in rs]
+        medians[k] = statistics.median(sps)
+        tflops = medians[k] * fl["train"] / 1e12
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        mem = max(r[mem_key] for r in rs)
+        mem_s = f"{mem:.0f}" + (f" ({max(r['peak_tree_rss_mb'] for r in rs):.0f})" if args.device != "cuda" else "")
+        cpu_ms = statistics.median(r["cpu_ms_per_sample"] for r in rs)
+        print(f"{LABELS[k]:36}{_spread(sps):>30}{statistics.median(r['step_s'] for r in rs):>9.3f}{cpu_ms:>15.1f}{mem_s:>26}"
+              f"{tflops:>9.3f}{mfu:>8}")
+    print()
+    for num, den, target in (("a", "b", 0.90), ("a", "b1", None), ("a", "c", 1.30)):
+        if num in results and den in results:
+            per = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(results[num], results[den])]
+            rng = f" (per repeat {min(per):.2f}-{max(per):.2f})" if len(per) > 1 else ""
+            best = f", best/best {max(x['samples_per_s'] for x in results[num]) / max(y['samples_per_s'] for y in results[den]):.2f}"
+            name = "b'" if den == "b1" else den
+            if target is None:
+                print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   (same compute threads: the trainer's own overhead)")
+            else:
+                verdict = "ok" if medians[num] / medians[den] >= target else "BELOW TARGET"
+                print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   target >= {target:.2f}: {verdict}")
+    if a0 and a0.get("history_samples_per_s"):
+        hist = [r["history_samples_per_s"] for r in results["a"]]
+        print(f"(a) cross-check: the trainer's own train/samples_per_s over the same steps: {_spread(hist).strip()}")
+    if peak:
+        kind = "given with --peak-tflops" if args.peak_tflops else \
+            f"{'dense bf16/fp16' if precision in ('bf16', 'fp16') else 'dense tf32'} peak of '{device_name}', datasheet"
+        print(f"MFU = achieved model TFLOP/s / {peak:g} TFLOP/s ({kind})")
+    else:
+        print("MFU: n/a (peak of this device unknown; pass --peak-tflops)")
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--patch", type=int, default=None, help="override the model's patch size (small: 32)")
+    p.add_argument("--resolution", type=int, default=None, help="image resolution (default: small/vit-b32-arch 224, tiny 64)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (>= 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers for (a) and (c); default: each library's own (clipexp: its rule, HF: 0)")
+    p.add_argument("--domain", default="industrial", help="clipexp domain whose augmentation (a) applies (textile's: industrial)")
+    p.add_argument("--repeats", type=int, default=2, help="run each measurement this many times (interleaved)")
+    p.add_argument("--only", default="a,b,b1,c",
+                   help="which measurements, e.g. a,b (b1 = (b') the bare step with the trainer's CPU thread count)")
+    p.add_argument("--bare-threads", type=int, default=None, help="torch threads for (b) (default: torch's, all cores)")
+    p.add_argument("--trainer-threads", type=int, default=None,
+                   help="experiment: torch threads for (a) after setup (default: the trainer's choice, cores - loader workers)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU (default: looked up by name on CUDA)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra clipexp config override for (a) and (b)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement process")
+    p.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args.argv = [x for i, x in enumerate(raw) if x != "--measure" and (i == 0 or raw[i - 1] != "--measure")]
+    args.argv += ["--precision", args.precision]
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.measure:
+        _quiet()
+        result = MEASURES[args.measure](args)
+        print(RESULT_MARK + json.dumps(result), flush=True)
+        return
+    _quiet()
+    device_name = _device_info(args.device)["device_name"]
+    which = [w.strip() for w in args.only.split(",") if w.strip()]
+    if args.device != "cpu" and "b1" in which:
+        which.remove("b1")  # threads only matter on CPU
+    results: Dict[str, List[Dict[str, Any]]] = {}
+    failed: Dict[str, str] = {}
+    for r in range(args.repeats):
+        for w in which:
+            if w in failed:
+                continue
+            try:
+                res = _child(args, w)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                lines = [ln for ln in str(err).splitlines() if ln.strip()]
+                failed[w] = lines[-1] if lines else repr(err)
+                print(f"repeat {r + 1}/{args.repeats} {LABELS[w]:36} FAILED: {failed[w]}", flush=True)
+                continue
+            results.setdefault(w, []).append(res)
+            print(f"repeat {r + 1}/{args.repeats} {LABELS[w]:36} {res['samples_per_s']:8.2f} samples/s "
+                  f"({res['step_s']:.3f} s/step, process {res['wall_s']:.0f} s)", flush=True)
+    report(args, results, device_name)
+    for w, why in failed.items():
+        hint = " (the HF Trainer needs accelerate: pip install accelerate)" if w == "c" and "accelerate" in why.lower() else ""
+        print(f"{LABELS[w]} failed: {why}{hint}")
+
+
+if __name__ == "__main__":
+    main()
