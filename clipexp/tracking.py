@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional
@@ -20,9 +19,6 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 from clipexp.config import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("FINISHED", "FAILED", "KILLED")
-
 
 def default_tracking_uri() -> str:
     return f"sqlite:///{(PROJECT_ROOT / 'mlflow.db').resolve()}"
@@ -213,6 +209,3 @@ def overrides_run_name(overrides: list[str]) -> str:
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "tracking", "trainer.resume"))]
     return ",".join(keep)[:250] or "default"
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

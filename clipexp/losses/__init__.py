@@ -18,7 +18,7 @@ from .multi_scale import MultiScaleLoss
 from .siglip import SigLIPLoss
 from .temperature_scheduler import SCHEDULES, TemperatureScheduler
 
-LOSSES = ("contrastive", "hard_negative", "domain_specific", "multi_scale", "siglip")
+from clipexp.config import LOSSES  # one list of allowed names, shared with config validation
 
 _COMMON = {
     "temperature": "temperature",

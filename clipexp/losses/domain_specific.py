@@ -17,7 +17,7 @@ from .targets import (
 
 Tensor = torch.Tensor
 
-DOMAINS = ("general", "medical", "industrial", "scientific")
+from clipexp.config import DOMAINS  # one list of allowed names, shared with config validation
 
 #: label smoothing per unit of ``domain_weight`` for the medical domain, and its ceiling (< 1)
 MEDICAL_SMOOTHING_PER_WEIGHT = 0.1

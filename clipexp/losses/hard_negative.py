@@ -12,7 +12,7 @@ from .targets import contrastive_cross_entropy
 
 Tensor = torch.Tensor
 
-MINING_STRATEGIES = ("semi-hard", "hard", "weighted")
+from clipexp.config import MINING_STRATEGIES  # one list of allowed names, shared with config validation
 
 
 class HardNegativeMiningLoss(ContrastiveLossBase):
