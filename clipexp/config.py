@@ -172,6 +172,7 @@ class TrainerConfig:
     adam_beta2: float = 0.98
     adam_eps: float = 1e-6
     fused_adamw: bool = True
+    pack_captions: bool = True  # each distinct caption of a batch encoded once, padding cut to the longest
     save_steps: int = 1000
     eval_steps: int = 500
     logging_steps: int = 100

@@ -1,7 +1,8 @@
 """Decoded-image cache: epochs after the first skip JPEG decoding and the resize.
 
 What is cached is the output of :func:`~clipexp.data.images.load_resized`: the image decoded and
-resized so its shorter side is the target resolution, as a uint8 ``[3, H, W]`` tensor. Random
+resized so its shorter side is the target resolution, as a uint8 ``[3, H, W]`` tensor with
+channels-last memory (what the OpenCV augmentation reads without a copy). Random
 augmentation happens *after* the cache, so cached and uncached loading give identical tensors.
 
 Every entry is keyed by the file's absolute path, size and modification time (``st_mtime_ns``):
@@ -13,7 +14,7 @@ Modes
             during validation) so forked workers share it copy-on-write; under the ``spawn`` start
             method it is packed into one shared-memory buffer when the dataset is sent to workers.
             ``memory_mb`` caps it: beyond the cap images are simply decoded each time.
-``disk``    one file per image (``<sha1>.u8``: a 16-byte header + raw pixels) in ``cache_dir``
+``disk``    one file per image (``<sha1>.u8``: a 16-byte header + raw ``H x W x 3`` pixels) in ``cache_dir``
             (default ``$CLIPEXP_CACHE_DIR`` or ``./.clipexp_cache``), ``images/r<resolution>/``
             below it. Written atomically, so several workers may fill it at once; it survives runs.
             Stale entries of changed files are never read again (delete the folder to reclaim space).
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 MODES = ("memory", "disk", "none", "auto")
-_MAGIC = b"CXC1"
+_MAGIC = b"CXC2"  # CXC1 files (channels-first pixels) read as misses and are rewritten
 _HEADER = struct.Struct("<4sIII")  # magic, channels, height, width
 
 
@@ -193,7 +194,7 @@ class ImageCache:
                     return None
         except OSError:
             return None
-        return torch.frombuffer(buf, dtype=torch.uint8).view(c, h, w)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(h, w, c).permute(2, 0, 1)
 
     def _write(self, f: Path, img: Tensor) -> None:
         c, h, w = img.shape
@@ -202,7 +203,7 @@ class ImageCache:
             f.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 fh.write(_HEADER.pack(_MAGIC, c, h, w))
-                fh.write(img.contiguous().numpy().tobytes())
+                fh.write(img.permute(1, 2, 0).contiguous().numpy().tobytes())
             os.replace(tmp, f)
             self._bytes += img.numel()
         except OSError as err:  # a full or read-only disk must not stop training
@@ -229,7 +230,7 @@ class ImageCache:
         if self._mem:
             if self._packed is None:
                 keys = list(self._mem)
-                flat = torch.cat([self._mem[k][2].reshape(-1) for k in keys])
+                flat = torch.cat([self._mem[k][2].permute(1, 2, 0).reshape(-1) for k in keys])  # HWC: no copy
                 index, off = {}, 0
                 for k in keys:
                     size, mtime, t = self._mem[k]
@@ -248,4 +249,5 @@ class ImageCache:
             flat, index = packed
             for k, (size, mtime, off, shape) in index.items():
                 n = shape[0] * shape[1] * shape[2]
-                self._mem[k] = (size, mtime, flat[off : off + n].view(shape))
+                c, h, w = shape
+                self._mem[k] = (size, mtime, flat[off : off + n].view(h, w, c).permute(2, 0, 1))

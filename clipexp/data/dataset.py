@@ -2,7 +2,9 @@
 
 Items are dicts::
 
-    pixel_values    float32 [3, R, R]   normalised image
+    pixel_values    float32 [3, R, R]   normalised image (uint8 with an ``output="uint8"`` image transform,
+                                        e.g. ``build_datasets(..., pixels="uint8")``: normalise per batch
+                                        with ``dataset.image_transform.normalizer``)
     input_ids       long    [L]         caption tokens, padded/truncated to L
     attention_mask  long    [L]
     labels          long    []          class index into ``dataset.class_names``; -1 when unlabelled
@@ -299,6 +301,7 @@ def build_datasets(
     prompt_templates: Optional[Sequence[str]] = None,
     augmentation: Optional[Mapping[str, Any]] = None,
     seed: int = 0,
+    pixels: str = "float",
 ) -> DataSplits:
     """Load, validate, split and wrap a source (``data_cfg``: the keys of ``DataConfig``).
 
@@ -306,7 +309,8 @@ def build_datasets(
     resized image at the same time, so the first epoch already reads from the cache. Train uses the
     domain ``augmentation`` when ``augment_images`` and text augmentation when ``augment_text``;
     val/test use the eval transforms. Pairs with several captions make the train set a
-    :class:`MultiCaptionCLIPDataset`.
+    :class:`MultiCaptionCLIPDataset`. ``pixels="uint8"`` (the trainer's choice) leaves the images uint8
+    for the batch to be normalised on its device (``splits.train.image_transform.normalizer``).
     """
     from clipexp.data.loaders import read_source
     from clipexp.data.split import split_pairs
@@ -326,7 +330,7 @@ def build_datasets(
         raise ValueError(f"the train split is empty ({len(pairs)} pairs, train_split={_get(data_cfg, 'train_split', 0.8)})")
     class_names = class_names_of(pairs)
     mean, std = processor_mean_std(processor)
-    common = dict(resolution=image_resolution, mean=mean, std=std)
+    common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels)
     train_tf = ImageTransform(augment=bool(_get(data_cfg, "augment_images", True)), policy=augmentation, **common)
     eval_tf = ImageTransform(augment=False, **common)
     train_tt = TextTransform(processor, max_sequence_length, templates, augment=bool(_get(data_cfg, "augment_text", False)))

@@ -116,9 +116,16 @@ def resize_shorter(image: Tensor, resolution: int) -> Tensor:
     return TF.resize(image, [resolution], interpolation=RESIZE_INTERPOLATION, antialias=True)
 
 
+def channels_last(image: Tensor) -> Tensor:
+    """The same ``[3, H, W]`` image with channels-last memory (``[H, W, 3]`` contiguous underneath): what
+    OpenCV reads without a copy (:mod:`clipexp.data.transforms`)."""
+    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
 def load_resized(path: Union[str, Path], resolution: int) -> Tensor:
-    """Decode + resize shorter side: the cacheable step. uint8 ``[3, H, W]`` with ``min(H, W) == resolution``."""
-    return resize_shorter(decode_image_file(path), resolution).contiguous()
+    """Decode + resize shorter side: the cacheable step. uint8 ``[3, H, W]`` with ``min(H, W) == resolution``,
+    channels-last memory (see :func:`channels_last`)."""
+    return channels_last(resize_shorter(decode_image_file(path), resolution))
 
 
 def image_size(path: Union[str, Path]):

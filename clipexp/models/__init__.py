@@ -9,6 +9,7 @@ from clipexp.models.clip import (
     count_parameters,
     image_features,
     load_clip,
+    pack_captions,
     text_features,
     write_byte_level_vocab,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "count_parameters",
     "image_features",
     "load_clip",
+    "pack_captions",
     "text_features",
     "write_byte_level_vocab",
 ]

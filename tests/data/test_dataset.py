@@ -160,6 +160,19 @@ def test_same_items_whatever_the_worker_count_and_across_epochs(pairs, processor
     assert torch.equal(ds[3]["pixel_values"], main[1][3])
 
 
+def test_uint8_items_through_forked_workers_equal_float_items(pairs, processor):
+    """The trainer's path: uint8 items (channels-last memory) from 2 forked workers, after the main process
+    has already augmented with OpenCV (a multi-threaded OpenCV deadlocked there), normalised per batch."""
+    as_float = _aug_ds(pairs, processor)
+    tf_u8 = ImageTransform(resolution=32, augment=True, policy=AUG, output="uint8")
+    as_u8 = CLIPDataset(pairs, processor, image_transform=tf_u8, seed=0, cache="memory")
+    assert as_u8[0]["pixel_values"].dtype == torch.uint8  # OpenCV has run in this process
+    loader = DataLoader(as_u8, batch_size=3, num_workers=2, collate_fn=collate_fn)
+    got = torch.cat([tf_u8.normalizer(b["pixel_values"]) for b in loader])
+    want = torch.stack([as_float[i]["pixel_values"] for i in range(len(as_float))])
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
+
+
 def test_multi_caption_dataset_draws_one_caption_per_item(processor, image_root):
     raw = [ImageTextPair(image_root / "a.jpg", ["first caption", "second caption", "third caption"], "x", 7, "s:1"),
            ImageTextPair(image_root / "d.jpg", ["only one"], None, 8, "s:2")]

@@ -6,13 +6,14 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import yaml
 
 from clipexp.config import CONF_DIR, AugmentationConfig, CLIPFinetuningConfig
 from clipexp.data import ImageTransform, MultiResolutionImageTransform, TextTransform
 from clipexp.data.images import resize_shorter
-from clipexp.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from clipexp.data.transforms import GRAY_WEIGHTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AugmentParams, color_matrix
 
 
 def solid(h, w, rgb=(255, 0, 51)):
@@ -47,16 +48,131 @@ def test_mean_std_come_from_the_processor(processor):
     assert tf.mean == tuple(processor.image_processor.image_mean)
 
 
-def test_train_policy_builds_the_domain_ops():
+def test_train_policy_lists_the_domain_ops():
     policy = AugmentationConfig(crop_scale_min=0.85, hflip=True, vflip=True, rotation_degrees=90.0, color_jitter=0.1)
     tf = ImageTransform(resolution=32, augment=True, policy=policy)
-    kinds = [type(op) for op in tf.transform.transforms]
-    assert kinds == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.ToDtype,
-                     v2.RandomRotation, v2.ColorJitter, v2.Normalize]
-    assert tf.transform.transforms[0].scale == (0.85, 1.0)
-    assert tf.is_random
+    assert tf.ops == ("random_resized_crop", "hflip", "vflip", "rotation", "color_jitter") and tf.is_random
     out = tf(torch.randint(0, 256, (3, 32, 40), dtype=torch.uint8))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert ImageTransform(resolution=32, augment=True, policy={"crop_scale_min": 1.0, "vflip": True}).ops == ("vflip",)
+
+
+def gradient_image(h=32, w=32):
+    """A smooth uint8 image (bilinear resampling of it is accurate to well under one level)."""
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    return torch.stack([40 + 5 * x, 40 + 5 * y, 120 + 2 * (x - y)]).round().to(torch.uint8)
+
+
+def params(r, **kw):
+    return AugmentParams(**{"top": 0, "left": 0, "height": r, "width": r, **kw})
+
+
+def test_flips_and_quarter_turns_are_exact():
+    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    tf = ImageTransform(resolution=16, output="uint8")
+    assert torch.equal(tf.apply(img, params(16, hflip=True)), img.flip(-1))
+    assert torch.equal(tf.apply(img, params(16, vflip=True)), img.flip(-2))
+    assert torch.equal(tf.apply(img, params(16, hflip=True, vflip=True)), img.flip(-1, -2))
+    # counter-clockwise, as torchvision's rotate
+    assert torch.equal(tf.apply(img, params(16, angle=90.0)), torch.rot90(img, 1, dims=(1, 2)))
+    assert torch.equal(tf.apply(img, params(16, angle=90.0)), TF.rotate(img, 90.0))
+    # a box of the output size is a plain crop
+    big = torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8)
+    assert torch.equal(tf.apply(big, AugmentParams(3, 5, 16, 16)), big[:, 3:19, 5:21])
+
+
+def test_crop_resize_and_rotation_match_torchvision_bilinear():
+    img = gradient_image(32, 40)
+    tf = ImageTransform(resolution=24, output="uint8")
+    p = AugmentParams(top=4, left=6, height=26, width=29)
+    ours = tf.apply(img, p).float()
+    ref = TF.resized_crop(img.float(), 4, 6, 26, 29, [24, 24], interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+    assert (ours - ref).abs().max() <= 1.0  # uint8 rounding
+    # rotation by 10 degrees about the centre (the interior: the corners differ by design, see the module doc)
+    square = gradient_image(24, 24)
+    ours = tf.apply(square, params(24, angle=10.0)).float()
+    ref = TF.rotate(square.float(), 10.0, interpolation=v2.InterpolationMode.BILINEAR)
+    assert (ours - ref)[:, 6:18, 6:18].abs().max() <= 1.0
+
+
+def test_one_warp_fills_rotated_corners_from_around_the_crop():
+    img = torch.full((3, 40, 40), 200, dtype=torch.uint8)
+    tf = ImageTransform(resolution=20, output="uint8")
+    inner = tf.apply(img, AugmentParams(10, 10, 20, 20, angle=30.0))  # the box has image all around it
+    assert inner.min() == 200
+    edge = tf.apply(img, AugmentParams(0, 0, 40, 40, angle=30.0))  # the whole image: corners leave it -> black
+    assert edge[:, 0, 0].tolist() == [0, 0, 0] and edge[:, 10, 10].tolist() == [200, 200, 200]
+
+
+def test_large_shrink_is_anti_aliased():
+    stripes = torch.zeros(3, 16, 64, dtype=torch.uint8)
+    stripes[:, :, ::2] = 255  # one-pixel stripes: bilinear sampling every 4th column would see only 255s or 0s
+    out = ImageTransform(resolution=16, output="uint8").apply(stripes, AugmentParams(0, 0, 16, 64))
+    assert out.shape == (3, 16, 16) and (out.float() - 127.5).abs().max() <= 1.0
+
+
+def test_color_matrix_by_hand():
+    w = torch.tensor(GRAY_WEIGHTS, dtype=torch.float64)
+    gray = color_matrix(1.0, 1.0, 0.0, 0.0)  # saturation 0: every channel becomes the gray level
+    assert torch.allclose(torch.from_numpy(gray[:, :3]).double(), w.expand(3, 3), atol=1e-7) and not gray[:, 3].any()
+    assert torch.allclose(torch.from_numpy(color_matrix(2.0, 1.0, 1.0, 50.0)).double(),
+                          torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0]], dtype=torch.float64))
+    # contrast 0.5 around mean gray 100: x -> 0.5 x + 50
+    assert torch.allclose(torch.from_numpy(color_matrix(1.0, 0.5, 1.0, 100.0)).double(),
+                          torch.tensor([[0.5, 0, 0, 50.0], [0, 0.5, 0, 50.0], [0, 0, 0.5, 50.0]], dtype=torch.float64))
+
+
+def test_color_jitter_matches_torchvision_in_any_order():
+    img = torch.randint(70, 180, (3, 16, 16), dtype=torch.uint8)  # mid-range: no clamping on the way
+    tf = ImageTransform(resolution=16, output="uint8")
+    b, c, s = 1.08, 0.93, 1.1
+    ours = tf.apply(img, params(16, brightness=b, contrast=c, saturation=s)).float() / 255
+    x = img.float() / 255
+    orders = [(TF.adjust_brightness, b), (TF.adjust_contrast, c), (TF.adjust_saturation, s)]
+    for order in (orders, orders[::-1], [orders[1], orders[2], orders[0]]):
+        ref = x
+        for fn, f in order:
+            ref = fn(ref, f)
+        assert (ours - ref).abs().max() <= 1.01 / 255
+
+
+def test_sampled_parameters_stay_in_the_policy():
+    tf = ImageTransform(resolution=32, augment=True,
+                        policy={"crop_scale_min": 0.6, "hflip": True, "vflip": False, "rotation_degrees": 15.0, "color_jitter": 0.2})
+    torch.manual_seed(0)
+    draws = [tf.sample(40, 50) for _ in range(300)]
+    for p in draws:
+        assert 0 <= p.top and p.top + p.height <= 40 and 0 <= p.left and p.left + p.width <= 50
+        assert 0.6 - 0.05 <= p.height * p.width / 2000 <= 1.0 and 3 / 4 - 0.05 <= p.width / p.height <= 4 / 3 + 0.05
+        assert -15 <= p.angle <= 15 and not p.vflip
+        assert all(0.8 <= f <= 1.2 for f in (p.brightness, p.contrast, p.saturation))
+    assert 100 < sum(p.hflip for p in draws) < 200
+    assert ImageTransform(resolution=32).sample(40, 50) == AugmentParams(4, 9, 32, 32)  # eval: the centre crop
+
+
+def test_uint8_output_normalised_per_batch_equals_float_output():
+    img = torch.randint(0, 256, (3, 30, 36), dtype=torch.uint8)
+    kw = dict(resolution=24, augment=True, policy={"crop_scale_min": 0.7, "hflip": True, "rotation_degrees": 10.0, "color_jitter": 0.2})
+    as_float, as_u8 = ImageTransform(**kw), ImageTransform(**kw, output="uint8")
+    torch.manual_seed(3)
+    f = as_float(img)
+    torch.manual_seed(3)
+    u = as_u8(img)
+    assert u.dtype == torch.uint8 and u.shape == (3, 24, 24)
+    batch = torch.stack([u, u])
+    assert torch.allclose(as_u8.normalizer(batch), torch.stack([f, f]), atol=1e-6)
+    assert as_u8.normalizer(f) is f  # float batches pass through
+    with pytest.raises(ValueError, match="output='half'"):
+        ImageTransform(output="half")
+
+
+def test_float_input_is_augmented_like_uint8():
+    img = gradient_image(24, 24)
+    tf = ImageTransform(resolution=24, output="uint8")
+    p = params(24, angle=7.0, brightness=1.1, contrast=0.9, saturation=1.05)
+    from_u8 = tf.apply(img, p).float() / 255
+    from_float = tf.apply(img.float() / 255, p)
+    assert from_float.dtype == torch.float32 and (from_u8 - from_float).abs().max() <= 2 / 255  # uint8 rounds after each op
 
 
 def test_policy_without_random_ops_equals_eval():
