@@ -222,14 +222,14 @@ def _clipexp_overrides(args, spec) -> List[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def measure_clipexp(args) -> Dict[str, Any]:
+def measure_clipexp(args, extra: tuple = ()) -> Dict[str, Any]:
     import torch
 
     from clipexp.__main__ import compose_and_validate
     from clipexp.train import Trainer
 
     spec = model_spec(args)
-    cfg = compose_and_validate(_clipexp_overrides(args, spec))
+    cfg = compose_and_validate(_clipexp_overrides(args, spec) + list(extra))
     stamps: List[float] = []
     cpu: List[float] = []
     total = args.warmup + args.steps
@@ -279,6 +279,29 @@ def measure_clipexp(args) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _train_captions(args, n: int, seq_len: int):
+    """``input_ids``/``attention_mask`` (padded to ``seq_len``), caption groups and labels of ``n`` training
+    pairs of the textile split, drawn with the seed: the text a training batch of (a) holds."""
+    import torch
+
+    from clipexp.data.loaders import read_source
+    from clipexp.data.pairs import caption_group_ids, class_names_of
+    from clipexp.data.split import split_pairs
+    from clipexp.models.clip import build_tokenizer
+
+    pairs, _ = read_source({"source": "textile", "check_images": False}, seed=args.seed)
+    train, _, _ = split_pairs(pairs, 0.8, 0.1, 0.1, args.seed)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    batch = [train[i % len(train)] for i in order]
+    captions = [p.captions[0] for p in batch]
+    tok = build_tokenizer(seq_len)(captions, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    classes = class_names_of(train)
+    labels = torch.tensor([classes.index(p.label) for p in batch])
+    groups = torch.tensor(caption_group_ids(captions))
+    return tok["input_ids"], tok["attention_mask"], groups, labels
+
+
+
 def measure_bare(args) -> Dict[str, Any]:
     import torch
     from omegaconf import OmegaConf
@@ -286,7 +309,7 @@ def measure_bare(args) -> Dict[str, Any]:
     from clipexp.__main__ import compose_and_validate
     from clipexp.device import DeviceManager
     from clipexp.losses import build_loss
-    from clipexp.models.clip import build_model, image_features, text_features
+    from clipexp.models.clip import build_model, image_features, pack_captions, text_features
     from clipexp.train import param_groups
 
     spec = model_spec(args)
@@ -312,19 +335,21 @@ def measure_bare(args) -> Dict[str, Any]:
                                       fused=True if (t.fused_adamw and dev.type == "cuda") else None)
         scaler = torch.amp.GradScaler(dev.type, enabled=dev.use_grad_scaler)
         b, r, L = args.batch_size, spec["resolution"], spec["seq_len"]
-        vocab = model.config.text_config.vocab_size
         g = torch.Generator().manual_seed(args.seed)
         pixels = torch.randn(b, 3, r, r, generator=g).to(device)
-        ids = torch.randint(0, vocab - 2, (b, L), generator=g)
-        ids[:, -1] = model.config.text_config.eos_token_id
-        ids, mask = ids.to(device), torch.ones(b, L, dtype=torch.long, device=device)
-        groups = labels = torch.arange(b, device=device)
+        # the captions of a real training batch, tokenised and packed as the trainer does (_device_batch)
+        ids, mask, groups, labels = _train_captions(args, b, L)
+        text_index = None
+        if t.pack_captions:
+            ids, mask, text_index = pack_captions(ids, mask)
+            text_index = None if text_index is None else text_index.to(device)
+        ids, mask, groups, labels = ids.to(device), mask.to(device), groups.to(device), labels.to(device)
         params = [p for grp in optimizer.param_groups for p in grp["params"]]
 
         def step():
             with dev.autocast():
                 img = image_features(model, pixels)
-                txt = text_features(model, ids, mask)
+                txt = text_features(model, ids, mask, text_index=text_index)
             out = loss_fn(img, txt, group_ids=groups, labels=labels, logit_scale=model.logit_scale)
             scaler.scale(out["loss"]).backward()
             scaler.unscale_(optimizer)
@@ -429,9 +454,14 @@ def measure_hf(args) -> Dict[str, Any]:
     return result
 
 
-MEASURES = {"a": measure_clipexp, "b": measure_bare, "b1": measure_bare, "c": measure_hf}
-LABELS = {"a": "(a) clipexp Trainer, end to end", "b": "(b) bare model step (tensors)",
-          "b1": "(b') bare step, trainer's threads", "c": "(c) HF transformers.Trainer + PIL"}
+def measure_clipexp_unpacked(args) -> Dict[str, Any]:
+    return measure_clipexp(args, ("trainer.pack_captions=false",))
+
+
+MEASURES = {"a": measure_clipexp, "a0": measure_clipexp_unpacked, "b": measure_bare, "b1": measure_bare, "c": measure_hf}
+LABELS = {"a": "(a) clipexp Trainer, end to end", "a0": "(a0) clipexp, pack_captions=false",
+          "b": "(b) bare model step (tensors)", "b1": "(b') bare step, trainer's threads",
+          "c": "(c) HF transformers.Trainer + PIL"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,11 +503,11 @@ def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> 
     print(f"        {fl['train'] / 1e9:.2f} GFLOP per sample per training step (matmuls, 3 x forward {fl['forward'] / 1e9:.2f})")
     print(f"run     batch {args.batch_size}, {precision}, {args.device}: {device_name}; {args.steps} timed steps after "
           f"{args.warmup} warm-up; {args.repeats} repeat(s), interleaved, each measurement in its own process")
-    a0 = next(iter(results.get("a", [])), None)
+    first_a = next(iter(results.get("a", [])), None)
     c0 = next(iter(results.get("c", [])), None)
-    data = f"data    textile JPEGs ({(a0 or c0 or {}).get('train_pairs', '?')} train pairs), domain={args.domain} augmentation in (a)"
-    if a0:
-        data += f"; (a): {a0['workers']} loader worker(s), {a0['threads']} torch thread(s), image cache {a0['cache']}"
+    data = f"data    textile JPEGs ({(first_a or c0 or {}).get('train_pairs', '?')} train pairs), domain={args.domain} augmentation in (a)"
+    if first_a:
+        data += f"; (a): {first_a['workers']} loader worker(s), {first_a['threads']} torch thread(s), image cache {first_a['cache']}"
     b0 = next(iter(results.get("b", [])), None)
     if b0:
         data += f"; (b): {b0['threads']} thread(s)"
@@ -493,7 +523,7 @@ def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> 
     print(f"{'':36}{'samples/s median [min-max]':>30}{'s/step':>9}{'CPU ms/sample':>15}{mem_label:>26}{'TFLOP/s':>9}{'MFU':>8}")
     peak = args.peak_tflops or (peak_tflops(device_name, precision) if args.device == "cuda" else None)
     medians = {}
-    for k in ("a", "b", "b1", "c"):
+    for k in ("a", "a0", "b", "b1", "c"):
         rs = results.get(k)
         if not rs:
             continue
@@ -507,18 +537,20 @@ def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> 
         print(f"{LABELS[k]:36}{_spread(sps):>30}{statistics.median(r['step_s'] for r in rs):>9.3f}{cpu_ms:>15.1f}{mem_s:>26}"
               f"{tflops:>9.3f}{mfu:>8}")
     print()
-    for num, den, target in (("a", "b", 0.90), ("a", "b1", None), ("a", "c", 1.30)):
+    for num, den, target in (("a", "b", 0.90), ("a", "b1", None), ("a", "c", 1.30), ("a0", "c", None), ("a", "a0", None)):
         if num in results and den in results:
             per = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(results[num], results[den])]
             rng = f" (per repeat {min(per):.2f}-{max(per):.2f})" if len(per) > 1 else ""
             best = f", best/best {max(x['samples_per_s'] for x in results[num]) / max(y['samples_per_s'] for y in results[den]):.2f}"
             name = "b'" if den == "b1" else den
+            why = {"b1": "same compute threads: the trainer's own overhead", "c": "without caption packing",
+                   "a0": "what caption packing gives"}[den]
             if target is None:
-                print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   (same compute threads: the trainer's own overhead)")
+                print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   ({why})")
             else:
                 verdict = "ok" if medians[num] / medians[den] >= target else "BELOW TARGET"
                 print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   target >= {target:.2f}: {verdict}")
-    if a0 and a0.get("history_samples_per_s"):
+    if first_a and first_a.get("history_samples_per_s"):
         hist = [r["history_samples_per_s"] for r in results["a"]]
         print(f"(a) cross-check: the trainer's own train/samples_per_s over the same steps: {_spread(hist).strip()}")
     if peak:
@@ -543,8 +575,9 @@ def parse_args(argv: Optional[List[str]] = None):
                    help="loader workers for (a) and (c); default: each library's own (clipexp: its rule, HF: 0)")
     p.add_argument("--domain", default="industrial", help="clipexp domain whose augmentation (a) applies (textile's: industrial)")
     p.add_argument("--repeats", type=int, default=2, help="run each measurement this many times (interleaved)")
-    p.add_argument("--only", default="a,b,b1,c",
-                   help="which measurements, e.g. a,b (b1 = (b') the bare step with the trainer's CPU thread count)")
+    p.add_argument("--only", default="a,a0,b,c",
+                   help="which measurements, e.g. a,b (a0 = (a) with trainer.pack_captions=false; "
+                        "b1 = (b') the bare step with the trainer's CPU thread count)")
     p.add_argument("--bare-threads", type=int, default=None, help="torch threads for (b) (default: torch's, all cores)")
     p.add_argument("--trainer-threads", type=int, default=None,
                    help="experiment: torch threads for (a) after setup (default: the trainer's choice, cores - loader workers)")

@@ -94,7 +94,8 @@ def _embed_image(model, batch, device, autocast) -> Tensor:
 
 def _embed_text(model, batch, device, autocast) -> Tensor:
     with autocast():
-        return text_features(model, _to(batch["input_ids"], device), _to(batch.get("attention_mask"), device))
+        return text_features(model, _to(batch["input_ids"], device), _to(batch.get("attention_mask"), device),
+                             text_index=_to(batch.get("text_index"), device))
 
 
 def _cat_optional(micro_batches: List[Dict[str, Any]], key: str, device: torch.device) -> Optional[Tensor]:
@@ -124,6 +125,7 @@ def exact_accumulation_step(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     loss_scale: Any = 1.0,
     logit_scale: Optional[Tensor] = None,
+    prepare: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """Accumulate into ``.grad`` the exact gradient of ``loss_fn`` on the concatenation of ``micro_batches``.
 
@@ -134,7 +136,9 @@ def exact_accumulation_step(
     ``loss_scale``: 1.0, any multiplier, a ``torch.amp.GradScaler`` (its ``scale(loss)`` is what is
     backwarded, so every parameter gradient carries the scale; call ``scaler.unscale_`` /
     ``scaler.step`` as usual) or a callable ``loss -> scaled loss``. ``logit_scale``: passed to the
-    loss (``model.logit_scale``; its gradient comes out of the loss backward).
+    loss (``model.logit_scale``; its gradient comes out of the loss backward). ``prepare``: applied to a
+    micro-batch each time it is embedded (the trainer's: move to the device, normalise uint8 pixels, pack
+    captions with a ``text_index``), so only one micro-batch's inputs are on the device at a time.
 
     Gradients are *added* to existing ``.grad`` (zero them before, as for any backward). The model's
     train/eval mode is left as it is. Returns the loss output dict of the logical batch with detached
@@ -150,8 +154,9 @@ def exact_accumulation_step(
     image_parts: List[Tensor] = []
     text_parts: List[Tensor] = []
     rng_states: List[tuple] = []
+    prep = prepare or (lambda mb: mb)
     with torch.no_grad():
-        for mb in micro_batches:
+        for mb in map(prep, micro_batches):
             before_image = get_rng_state(device)
             image_parts.append(_embed_image(model, mb, device, autocast))
             before_text = get_rng_state(device)
@@ -178,7 +183,8 @@ def exact_accumulation_step(
 
     # (c) re-forward each micro-batch with a graph and push its cached embedding gradients through it
     if image_grads is not None or text_grads is not None:
-        for i, (mb, (before_image, before_text)) in enumerate(zip(micro_batches, rng_states)):
+        for i, (raw, (before_image, before_text)) in enumerate(zip(micro_batches, rng_states)):
+            mb = prep(raw)
             outputs: List[Tensor] = []
             grads: List[Tensor] = []
             if image_grads is not None:

@@ -64,7 +64,7 @@ from clipexp.memory import (
 )
 from clipexp.evaluate import class_text_embeddings, evaluate_retrieval, zero_shot_metrics
 from clipexp.losses import TemperatureScheduler, build_loss, gather_with_grad
-from clipexp.models import ModelLoadError, count_parameters, image_features, load_clip, text_features
+from clipexp.models import ModelLoadError, count_parameters, image_features, load_clip, pack_captions, text_features
 from clipexp.tracking import flatten, git_commit, make_tracker, overrides_run_name
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,9 @@ class DualEncoder(nn.Module):
         self.vision_model, self.visual_projection = model.vision_model, model.visual_projection
         self.text_model, self.text_projection = model.text_model, model.text_projection
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return image_features(self, pixel_values), text_features(self, input_ids, attention_mask)
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                text_index: Optional[torch.Tensor] = None):
+        return image_features(self, pixel_values), text_features(self, input_ids, attention_mask, text_index=text_index)
 
 
 def _gather(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -297,8 +298,13 @@ class Trainer:
             prompt_templates=list(cfg.domain.prompt_templates),
             augmentation=OmegaConf.to_container(cfg.domain.augmentation, resolve=True),
             seed=cfg.seed,
+            pixels="uint8",  # normalised per batch on the device (_device_batch): 1/4 of the bytes to move
         )
         self.collate = collate_fn
+        self.normalize_pixels = self.data.train.image_transform.normalizer
+        text_cfg = self.model.config.text_config
+        text_dropout = float(getattr(text_cfg, "dropout", 0.0) or 0.0) + float(getattr(text_cfg, "attention_dropout", 0.0) or 0.0)
+        self.dedup_captions = bool(t.pack_captions) and text_dropout == 0.0  # one dropout mask for all copies otherwise
 
         # loss (needed by the batch-size probe), then the batch: micro-batch x accumulation = logical batch
         loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
@@ -491,12 +497,31 @@ class Trainer:
         return self.loss_fn(gather_with_grad(img), gather_with_grad(txt), group_ids=_gather(group_ids), labels=_gather(labels),
                             logit_scale=logit_scale)
 
-    def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _device_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """A loader batch -> the towers' inputs on the device.
+
+        Pixels travel as uint8 and are normalised there. Captions are packed on the CPU side
+        (``trainer.pack_captions``: padding cut to the batch's longest caption, each distinct caption
+        once, ``text_index`` mapping samples to them; see :func:`clipexp.models.clip.pack_captions`),
+        so nothing here waits for the device.
+        """
         dev = self.device
+        out = dict(batch)
+        out["pixel_values"] = self.normalize_pixels(batch["pixel_values"].to(dev, non_blocking=True))
+        ids, mask, index = batch["input_ids"], batch["attention_mask"], None
+        if self.cfg.trainer.pack_captions:
+            ids, mask, index = pack_captions(ids, mask, dedup=self.dedup_captions)
+        out["input_ids"], out["attention_mask"] = ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
+        out["text_index"] = None if index is None else index.to(dev, non_blocking=True)
+        for key in ("group_ids", "labels"):
+            out[key] = batch[key].to(dev, non_blocking=True)
+        return out
+
+    def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        b = self._device_batch(batch)
         with self.dev.autocast():
-            img, txt = self.encoder(batch["pixel_values"].to(dev, non_blocking=True), batch["input_ids"].to(dev, non_blocking=True),
-                                    batch["attention_mask"].to(dev, non_blocking=True))
-        return self._global_loss(img, txt, batch["group_ids"].to(dev), batch["labels"].to(dev), logit_scale=self.model.logit_scale)
+            img, txt = self.encoder(b["pixel_values"], b["input_ids"], b["attention_mask"], b["text_index"])
+        return self._global_loss(img, txt, b["group_ids"], b["labels"], logit_scale=self.model.logit_scale)
 
     def _accumulate(self, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Forward + backward of one logical batch; gradients land in ``.grad``. Returns the loss output.
@@ -507,22 +532,25 @@ class Trainer:
         """
         if self.cfg.trainer.accumulation == "exact" and len(micro_batches) > 1:
             out = exact_accumulation_step(self.model, self._global_loss, micro_batches, device=self.device, autocast=self.dev.autocast,
-                                          loss_scale=self.scaler, logit_scale=self.model.logit_scale)
+                                          loss_scale=self.scaler, logit_scale=self.model.logit_scale, prepare=self._device_batch)
             self._check_finite(out["loss"])
             self.dist.average_gradients(self._trainable_parameters())
             return out
         total = sum(b["pixel_values"].shape[0] for b in micro_batches)
-        loss_sum = 0.0
+        loss_sum = None
         for i, batch in enumerate(micro_batches):
             with self._gradient_sync(last=i == len(micro_batches) - 1):
                 out = self._forward_loss(batch)
-                self._check_finite(out["loss"])
                 weight = batch["pixel_values"].shape[0] / total  # plain: micro-batch losses averaged by size
                 self.scaler.scale(out["loss"] * weight).backward()
-            loss_sum += out["loss"].item() * weight
+            part = out["loss"].detach() * weight
+            loss_sum = part if loss_sum is None else loss_sum + part
+        # one check (one wait for the device) per step: a NaN in any micro-batch makes the sum NaN, and
+        # raising here, before the optimizer step, keeps the weights of the last good step
+        self._check_finite(loss_sum)
         self.dist.average_gradients(self._loss_only_parameters())
         out = dict(out)
-        out["loss"] = torch.tensor(loss_sum)
+        out["loss"] = loss_sum
         return out
 
     def _gradient_sync(self, last: bool):
@@ -645,10 +673,11 @@ class Trainer:
         loader = DataLoader(dataset, batch_sampler=[batches[i] for i in mine], collate_fn=self.collate, num_workers=0)
         parts = []
         for index, batch in zip(mine, loader):
+            b = self._device_batch(batch)
             with self.dev.autocast():
-                img = image_features(self.model, batch["pixel_values"].to(self.device))
-                txt = text_features(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            out = self.loss_fn(img, txt, group_ids=batch["group_ids"].to(self.device), labels=batch["labels"].to(self.device), logit_scale=self.model.logit_scale)
+                img = image_features(self.model, b["pixel_values"])
+                txt = text_features(self.model, b["input_ids"], b["attention_mask"], text_index=b["text_index"])
+            out = self.loss_fn(img, txt, group_ids=b["group_ids"], labels=b["labels"], logit_scale=self.model.logit_scale)
             parts.append((index, img.float().cpu(), txt.float().cpu(), batch["group_ids"], batch["labels"], float(out["loss"]), img.shape[0]))
         gathered = self.dist.gather(parts)
         if gathered is None:

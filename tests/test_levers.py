@@ -191,7 +191,8 @@ def test_exact_accumulation_gives_the_logical_batch_gradient(tmp_path, baseline,
     assert exact.trainer.logical_batch == 8
     # same 8 samples as the baseline's single micro-batch of 8: the same loss and gradient
     assert exact.loss == pytest.approx(baseline.loss, rel=1e-5)
-    _assert_grads_close(exact.grads[0], baseline.grads[0])
+    # (each micro-batch packs its own captions: other shapes, other float summation order than the batch of 8)
+    _assert_grads_close(exact.grads[0], baseline.grads[0], atol=2e-6)
 
     # plain accumulation of the same 4 x 2 split is not that gradient (fewer negatives per sample)
     plain = run_step(tmp_path / "plain", *split, "trainer.accumulation=plain")
@@ -199,6 +200,38 @@ def test_exact_accumulation_gives_the_logical_batch_gradient(tmp_path, baseline,
     assert plain.loss != pytest.approx(baseline.loss, rel=1e-3)
     name = "text_projection.weight"
     assert not torch.allclose(plain.grads[0][name], baseline.grads[0][name], rtol=1e-3, atol=1e-6)
+
+
+def _text_rows(trainer, rec):
+    """Record the shape of every ``input_ids`` the text tower receives."""
+    rec.text_shapes = []
+    trainer.model.text_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rec.text_shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+
+
+def test_pack_captions_encodes_each_distinct_caption_once_with_the_same_gradient(tmp_path):
+    packed = run_step(tmp_path / "packed", watch=_text_rows)  # on by default
+    full = run_step(tmp_path / "full", "trainer.pack_captions=false", watch=_text_rows)
+    # the smoke set's captions are class-level: 8 samples, at most 3 distinct captions, the longest 65 tokens of 77
+    (rows, length), train_full = packed.text_shapes[0], full.text_shapes[0]  # the training step (evaluation follows)
+    assert train_full == (8, 77) and rows <= 3 and length < 77
+    assert packed.loss == pytest.approx(full.loss, rel=1e-6)
+    _assert_grads_close(packed.grads[0], full.grads[0], atol=2e-6)
+    assert packed.trainer.dedup_captions and not full.trainer.dedup_captions
+
+
+def test_text_dropout_turns_caption_dedup_off(tmp_path):
+    # a checkpoint whose text tower has dropout: copies of a caption must draw their own masks
+    from clipexp.models import build_model, build_processor
+
+    arch = compose_and_validate(["model=tiny"]).model.architecture
+    model = build_model(dict(arch), 64, 77)
+    model.config.text_config.attention_dropout = 0.1
+    model.save_pretrained(tmp_path / "ckpt")
+    build_processor(64, 77).save_pretrained(tmp_path / "ckpt")
+    rec = run_step(tmp_path / "run", f"model.name_or_path={tmp_path / 'ckpt'}", watch=_text_rows)
+    assert not rec.trainer.dedup_captions
+    assert rec.text_shapes[0][0] == 8 and rec.text_shapes[0][1] < 77  # the padding is still cut
 
 
 @pytest.mark.slow

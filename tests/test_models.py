@@ -69,3 +69,46 @@ def test_offline_hub_error_is_one_line(tmp_path):
         "unreachable (or the id is unknown) and it is not in the local cache; run offline with model=tiny, "
         "or set model.name_or_path=/path/to/a/local/clip"
     )
+
+
+def test_pack_captions_by_hand():
+    from clipexp.models import pack_captions
+
+    B, E = 512, 513  # BOS, EOS (= padding) of the generated tokenizer
+    ids = torch.tensor([[B, 7, E, E, E, E], [B, 8, 9, E, E, E], [B, 7, E, E, E, E]])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    p_ids, p_mask, index = pack_captions(ids, mask)
+    assert p_ids.shape == p_mask.shape == (2, 4)  # 2 distinct captions, cut after the longest (4 tokens)
+    assert torch.equal(p_ids[index], ids[:, :4]) and torch.equal(p_mask[index], mask[:, :4])
+    assert index[0] == index[2] != index[1]
+    t_ids, t_mask, none = pack_captions(ids, mask, dedup=False)  # only the padding is cut
+    assert none is None and torch.equal(t_ids, ids[:, :4]) and torch.equal(t_mask, mask[:, :4])
+    distinct = pack_captions(ids[:2], mask[:2])
+    assert distinct[2] is None and distinct[0].shape == (2, 4)
+
+
+def test_packed_captions_give_the_same_embeddings_and_gradients(tiny_controller):
+    from clipexp.models import pack_captions, text_features
+
+    model = tiny_controller.model.train()
+    tok = tiny_controller.processor.tokenizer(["a scratch", "a red square on grey", "a scratch", "ok", "a scratch"],
+                                              padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    target = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(packed: bool):
+        model.zero_grad(set_to_none=True)
+        ids, mask, index = pack_captions(tok["input_ids"], tok["attention_mask"]) if packed else \
+            (tok["input_ids"], tok["attention_mask"], None)
+        feats = text_features(model, ids, mask, text_index=index)
+        (feats * target).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.text_model.named_parameters() if p.grad is not None}
+        return ids.shape, feats.detach(), grads
+
+    full_shape, full, full_grads = run(False)
+    packed_shape, packed, packed_grads = run(True)
+    # 3 distinct captions; the longest, "a red square on grey", is 16 byte tokens (no spaces) + BOS + EOS
+    assert full_shape == (5, 32) and packed_shape == (3, 18)
+    torch.testing.assert_close(packed, full, rtol=0, atol=2e-6)
+    assert packed_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(packed_grads[name], full_grads[name], rtol=1e-4, atol=2e-6, msg=name)
