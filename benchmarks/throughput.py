@@ -4,16 +4,18 @@
     python benchmarks/throughput.py --steps 20 --repeats 3
     python benchmarks/throughput.py --model vit-b32-arch --device cuda --precision bf16 --batch-size 256
 
-Three measurements of the same model, data and batch, each in its own process (so thread settings,
+Four measurements of the same model, data and batch, each in its own process (so thread settings,
 memory peaks and caches of one never leak into another), ``--repeats`` times, interleaved:
 
 (a) clipexp   the clipexp ``Trainer`` end to end on the real textile JPEGs (decode + cache, augmentation,
               loader workers, forward/backward, clipping, AdamW, logging), tracking off, no evaluation
               or checkpoint before the last step. Timed from the end of optimizer step ``--warmup`` to
               the end of the last step.
-(b) bare      the same model's training step on tensors already on the device: forward of both towers
-              in the run's precision, the clipexp loss, backward, gradient clipping, AdamW. No data,
-              no bookkeeping: the compute limit the trainer is measured against.
+(a0)          (a) with ``trainer.pack_captions=false`` (every caption encoded, padded to 77 tokens).
+(b) bare      the same model's training step on tensors already on the device: float pixels and the
+              captions of a real training batch, packed as the trainer packs them; forward of both
+              towers in the run's precision, the clipexp loss, backward, gradient clipping, AdamW. No
+              data, no bookkeeping: the compute limit of what (a) computes.
 (c) hf        ``transformers.Trainer`` on the same model (same architecture and seed), the same training
               images and batch, fed by the dataset most people start from: open each JPEG with PIL, run
               the ``CLIPProcessor`` on it and tokenize its caption per item; ``CLIPModel(return_loss=True)``
@@ -25,7 +27,7 @@ Printed: samples/s of each (median and range over the repeats), the ratios a/b a
 model FLOPs utilisation (MFU) where the device's peak is known. FLOPs are counted per layer, forward
 ``2 x MACs`` of every matmul (QKV/output projections, MLP, attention scores and values, patch embedding,
 projections), training = 3 x forward (backward ~ 2 x forward); embeddings, norms, softmax and the loss
-are left out.
+are left out; the count is the unpacked model's, so with caption packing it credits the packing.
 """
 
 from __future__ import annotations
@@ -544,7 +546,7 @@ def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> 
             best = f", best/best {max(x['samples_per_s'] for x in results[num]) / max(y['samples_per_s'] for y in results[den]):.2f}"
             name = "b'" if den == "b1" else den
             why = {"b1": "same compute threads: the trainer's own overhead", "c": "without caption packing",
-                   "a0": "what caption packing gives"}[den]
+                   "a0": "what caption packing gives"}.get(den, "")
             if target is None:
                 print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   ({why})")
             else:

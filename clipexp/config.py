@@ -71,7 +71,7 @@ class ModelConfig:
     image_resolution: int = 224
     max_sequence_length: int = 77
     architecture: Optional[ArchitectureConfig] = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Any = False  # true (both towers) | image | text | false
     lock_image: bool = False
     lock_text: bool = False
 
@@ -260,6 +260,7 @@ _ge0 = (lambda v: v >= 0), "a number >= 0"
 
 RULES: Dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.image_resolution": _int_ge1,
+    "model.gradient_checkpointing": ((lambda v: v is True or v is False or v in ("image", "text")), "true, false, image or text"),
     "model.max_sequence_length": _int_ge1,
     "domain.name": _one_of(DOMAINS),
     "domain.learning_rate": _pos,

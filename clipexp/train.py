@@ -190,6 +190,25 @@ class DualEncoder(nn.Module):
         return image_features(self, pixel_values), text_features(self, input_ids, attention_mask, text_index=text_index)
 
 
+def enable_checkpointing(model: nn.Module, towers: str = "both") -> None:
+    """Activation (gradient) checkpointing in the transformer layers of ``towers``: both, image or text.
+
+    Non-reentrant (PyTorch's recommendation: works with a frozen tower's inputs and under DDP). The
+    other tower's layers are switched back off, whatever the transformers version keeps the flag on
+    (the encoder in 4.x, each layer in 5.x).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (gradient_checkpointing_enable is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    off = {"image": [model.text_model], "text": [model.vision_model]}.get(towers, [])
+    for tower in off:
+        for module in tower.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+
+
 def _gather(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else gather_with_grad(t)
 
@@ -289,6 +308,7 @@ class Trainer:
 
         # data
         from clipexp.data import build_datasets, collate_fn
+        from clipexp.data.transforms import PixelNormalizer
 
         self.data = build_datasets(
             OmegaConf.to_container(cfg.data, resolve=True),
@@ -301,7 +321,9 @@ class Trainer:
             pixels="uint8",  # normalised per batch on the device (_device_batch): 1/4 of the bytes to move
         )
         self.collate = collate_fn
-        self.normalize_pixels = self.data.train.image_transform.normalizer
+        tf = self.data.train.image_transform
+        # each step is done with its pixels before the next is normalised: reuse one CPU buffer
+        self.normalize_pixels = PixelNormalizer(tf.mean, tf.std, reuse_cpu_buffer=True)
         text_cfg = self.model.config.text_config
         text_dropout = float(getattr(text_cfg, "dropout", 0.0) or 0.0) + float(getattr(text_cfg, "attention_dropout", 0.0) or 0.0)
         self.dedup_captions = bool(t.pack_captions) and text_dropout == 0.0  # one dropout mask for all copies otherwise
@@ -453,10 +475,7 @@ class Trainer:
             for mod in (self.model.text_model, self.model.text_projection):
                 mod.requires_grad_(False)
         if m.gradient_checkpointing:
-            if self.dist.enabled:  # DDP's reducer and re-entrant checkpointing (transformers 4.x's default) do not mix
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable()
+            enable_checkpointing(self.model, "both" if m.gradient_checkpointing is True else m.gradient_checkpointing)
         if d.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if d.compile:

@@ -107,6 +107,21 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_gradient(tm
     assert rec.loss == pytest.approx(baseline.loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_gradient_checkpointing_of_one_tower(tmp_path, baseline, tower):
+    rec = run_step(tmp_path, f"model.gradient_checkpointing={tower}")
+    recomputed = {"image": "vision", "text": "text"}[tower]
+    assert rec.mlp_calls == {key: 2 if key[0] == recomputed else 1 for key in baseline.mlp_calls}
+    _assert_grads_close(rec.grads[0], baseline.grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_rejects_other_values():
+    from clipexp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing.*true, false, image or text"):
+        compose_and_validate([*BASE, "model.gradient_checkpointing=vision"])
+
+
 @pytest.mark.parametrize("lock, frozen, trained", [
     ("model.lock_image=true", IMAGE_TOWER, TEXT_TOWER),
     ("model.lock_text=true", TEXT_TOWER, IMAGE_TOWER),

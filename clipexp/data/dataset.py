@@ -14,8 +14,9 @@ Items are dicts::
 Captions are tokenised once, at construction (every distinct string once), never per item.
 
 Reproducible augmentation: every random draw for item ``i`` in epoch ``e`` (crop, flips, rotation,
-jitter, which caption) comes from torch's RNG seeded with ``item_seed(seed, e, i)`` inside
-``torch.random.fork_rng``; the caller's RNG state is left untouched. Call ``dataset.set_epoch(e)``
+jitter, which caption) comes from a ``torch.Generator`` seeded with ``item_seed(seed, e, i)`` (an image
+transform that takes no ``generator``, e.g. a torchvision ``Compose``, gets torch's global RNG seeded so,
+inside ``torch.random.fork_rng``); the caller's RNG state is left untouched. Call ``dataset.set_epoch(e)``
 before each epoch: the epoch lives in a shared-memory tensor, so DataLoader workers (persistent or
 not, forked or spawned) see it. The same (seed, epoch, index) gives the same tensors whatever the
 worker count, batch size or resume point.
@@ -35,7 +36,8 @@ from torch.utils.data import Dataset, get_worker_info
 from clipexp.data.cache import ImageCache
 from clipexp.data.images import ImageDecodeError, load_resized
 from clipexp.data.pairs import ImageTextPair, caption_group_ids, class_names_of
-from clipexp.data.transforms import DEFAULT_TEMPLATES, ImageTransform, TextTransform, processor_mean_std
+from clipexp.data.transforms import (DEFAULT_TEMPLATES, ImageTransform, MultiResolutionImageTransform, TextTransform,
+                                     processor_mean_std)
 from clipexp.data.validation import DataValidationError, Problem
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,8 @@ class CLIPDataset(Dataset):
             image_transform = ImageTransform(config, augment=False, resolution=self.resolution, mean=mean, std=std)
         self.image_transform = image_transform
         self._random_image = bool(getattr(image_transform, "is_random", True))
+        # clipexp's transforms draw from a generator passed in (no global RNG state to save and restore)
+        self._generator_transform = isinstance(image_transform, (ImageTransform, MultiResolutionImageTransform))
         if text_transform is None:
             if processor is None:
                 raise ValueError("CLIPDataset needs a processor (or tokenizer) or a text_transform")
@@ -214,21 +218,41 @@ class CLIPDataset(Dataset):
             ) from None
 
     def __getitem__(self, index: int) -> Dict[str, Tensor]:
-        if index < 0:
-            index += len(self)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Tensor]]:
+        """The items of ``indices`` (the DataLoader's batched fetch): one thread switch per batch.
+
+        (Building a batch's items on two threads instead measured no faster inside the trainer on 2
+        cores: the per-item Python work holds the GIL.)"""
+        n = len(self)
+        indices = [int(i) + n if int(i) < 0 else int(i) for i in indices]
         with main_process_single_thread():
-            return self._item(index)
+            if self._generator_transform:
+                return [self._item(i) for i in indices]
+            with torch.random.fork_rng(devices=[]):
+                return [self._item(i) for i in indices]
 
     def _item(self, index: int) -> Dict[str, Tensor]:
+        """Item ``index``. With a transform that takes no generator, seeds the global CPU RNG (the caller
+        forks it around the call)."""
         image = self.load_image(index)
         cands = self._cands[index]
+        k = 0
         if self._random_image or len(cands) > 1:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed(self.seed, self.epoch, index))
+            seed = item_seed(self.seed, self.epoch, index)
+            if self._generator_transform:
+                gen = torch.Generator().manual_seed(seed)
+                pixels = self.image_transform(image, generator=gen)
+            else:
+                gen = None
+                # the CPU generator only: torch.manual_seed also queues a CUDA seed, recording a stack
+                # trace each call while CUDA is not initialised (0.4 ms, as much as the augmentation)
+                torch.default_generator.manual_seed(seed)
                 pixels = self.image_transform(image)
-                k = int(torch.randint(len(cands), (1,))) if len(cands) > 1 else 0
+            k = int(torch.randint(len(cands), (1,), generator=gen)) if len(cands) > 1 else 0
         else:
-            pixels, k = self.image_transform(image), 0
+            pixels = self.image_transform(image)
         t = cands[k]
         return {
             "pixel_values": pixels,
