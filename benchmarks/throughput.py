@@ -317,11 +317,11 @@ def measure_bare(args) -> Dict[str, Any]:
     spec = model_spec(args)
     cfg = compose_and_validate(_clipexp_overrides(args, spec))
     if args.measure == "b1" and args.device == "cpu":  # the compute threads the trainer keeps for itself on CPU
-        from clipexp.train import default_train_workers
+        from clipexp.train import default_train_threads, default_train_workers
 
         cores = os.cpu_count() or 1
-        workers = args.workers if args.workers is not None else default_train_workers(cores)
-        torch.set_num_threads(max(1, cores - workers))
+        workers = args.workers if args.workers is not None else default_train_workers(cores, "cpu")
+        torch.set_num_threads(default_train_threads(cores, workers))
     elif args.bare_threads:
         torch.set_num_threads(args.bare_threads)
     dev = DeviceManager(args.device, args.precision).info
@@ -582,7 +582,7 @@ def parse_args(argv: Optional[List[str]] = None):
                         "b1 = (b') the bare step with the trainer's CPU thread count)")
     p.add_argument("--bare-threads", type=int, default=None, help="torch threads for (b) (default: torch's, all cores)")
     p.add_argument("--trainer-threads", type=int, default=None,
-                   help="experiment: torch threads for (a) after setup (default: the trainer's choice, cores - loader workers)")
+                   help="experiment: torch threads for (a) after setup (default: the trainer's choice, clipexp.train.default_train_threads)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU (default: looked up by name on CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra clipexp config override for (a) and (b)")
     p.add_argument("--seed", type=int, default=0)

@@ -88,8 +88,10 @@ def test_summary_table_lists_baseline_final_best_and_test():
     assert lines[3].startswith("baseline = validation at step 0") and "(step 40)" in lines[3]
 
 
-def test_default_loader_workers_per_device_and_cores():
-    from clipexp.train import default_train_workers
+def test_default_loader_workers_and_threads_per_device_and_cores():
+    from clipexp.train import default_train_threads, default_train_workers
 
     assert [default_train_workers(c, "cpu") for c in (1, 2, 3, 4, 8, 32)] == [0, 0, 0, 1, 2, 4]
+    # below 4 cores the step keeps every core, also beside a worker asked for; from 4 the workers get their own
+    assert [default_train_threads(c, w) for c, w in ((1, 0), (2, 0), (2, 1), (3, 1), (4, 1), (8, 2))] == [1, 2, 2, 3, 3, 6]
     assert [default_train_workers(c, "cuda") for c in (1, 2, 4, 8, 16)] == [0, 1, 2, 4, 4]
