@@ -281,18 +281,24 @@ def measure_clipexp(args, extra: tuple = ()) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _train_pairs(args) -> list:
+    """The textile training split (80/10/10, seeded) that (a) trains on."""
+    from clipexp.data.loaders import read_source
+    from clipexp.data.split import split_pairs
+
+    pairs, _ = read_source({"source": "textile", "check_images": False}, seed=args.seed)
+    return split_pairs(pairs, 0.8, 0.1, 0.1, args.seed)[0]
+
+
 def _train_captions(args, n: int, seq_len: int):
     """``input_ids``/``attention_mask`` (padded to ``seq_len``), caption groups and labels of ``n`` training
     pairs of the textile split, drawn with the seed: the text a training batch of (a) holds."""
     import torch
 
-    from clipexp.data.loaders import read_source
     from clipexp.data.pairs import caption_group_ids, class_names_of
-    from clipexp.data.split import split_pairs
     from clipexp.models.clip import build_tokenizer
 
-    pairs, _ = read_source({"source": "textile", "check_images": False}, seed=args.seed)
-    train, _, _ = split_pairs(pairs, 0.8, 0.1, 0.1, args.seed)
+    train = _train_pairs(args)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
     batch = [train[i % len(train)] for i in order]
     captions = [p.captions[0] for p in batch]
@@ -415,13 +421,10 @@ def measure_hf(args) -> Dict[str, Any]:
     from transformers import Trainer as HFTrainer
     from transformers import TrainerCallback, TrainingArguments
 
-    from clipexp.data.loaders import read_source
-    from clipexp.data.split import split_pairs
     from clipexp.models.clip import build_model, build_processor
 
     spec = model_spec(args)
-    pairs, _ = read_source({"source": "textile", "check_images": False}, seed=args.seed)
-    train, _, _ = split_pairs(pairs, 0.8, 0.1, 0.1, args.seed)
+    train = _train_pairs(args)
     processor = build_processor(spec["resolution"], spec["seq_len"])
     dataset = PILCaptionDataset([str(p.image_path) for p in train], [p.captions[0] for p in train], processor, spec["seq_len"])
     torch.manual_seed(args.seed)

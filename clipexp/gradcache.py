@@ -183,22 +183,18 @@ def exact_accumulation_step(
 
     # (c) re-forward each micro-batch with a graph and push its cached embedding gradients through it
     if image_grads is not None or text_grads is not None:
-        for i, (raw, (before_image, before_text)) in enumerate(zip(micro_batches, rng_states)):
+        for i, (raw, states) in enumerate(zip(micro_batches, rng_states)):
             mb = prep(raw)
             outputs: List[Tensor] = []
             grads: List[Tensor] = []
-            if image_grads is not None:
-                set_rng_state(before_image)
-                img = _embed_image(model, mb, device, autocast)
-                if img.requires_grad:
-                    outputs.append(img)
-                    grads.append(image_grads[i].to(img.dtype))
-            if text_grads is not None:
-                set_rng_state(before_text)
-                txt = _embed_text(model, mb, device, autocast)
-                if txt.requires_grad:
-                    outputs.append(txt)
-                    grads.append(text_grads[i].to(txt.dtype))
+            for tower_grads, state, embed in ((image_grads, states[0], _embed_image), (text_grads, states[1], _embed_text)):
+                if tower_grads is None:
+                    continue
+                set_rng_state(state)
+                emb = embed(model, mb, device, autocast)
+                if emb.requires_grad:
+                    outputs.append(emb)
+                    grads.append(tower_grads[i].to(emb.dtype))
             if outputs:
                 torch.autograd.backward(outputs, grads)
             del outputs, grads

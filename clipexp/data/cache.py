@@ -148,28 +148,21 @@ class ImageCache:
         if self.mode in ("memory", "auto"):
             hit = self._mem.get(key)
             if hit is not None and hit[0] == size and hit[1] == mtime:
-                self._count(hit=True)
+                self.hits += 1
                 return hit[2]
             img = load_resized(path, self.resolution)
-            self._count(hit=False)
+            self.misses += 1
             self._store(key, size, mtime, img, replaced=hit)
             return img
         f = self._disk_file(key, size, mtime)
         img = self._read(f)
         if img is not None:
-            self._count(hit=True)
+            self.hits += 1
             return img
         img = load_resized(path, self.resolution)
-        self._count(hit=False)
+        self.misses += 1
         self._write(f, img)
         return img
-
-    def _count(self, hit: bool) -> None:
-        with self._lock:  # items may be built on several threads (CLIPDataset.__getitems__)
-            if hit:
-                self.hits += 1
-            else:
-                self.misses += 1
 
     def _store(self, key: str, size: int, mtime: int, img: Tensor, replaced=None) -> None:
         n = img.numel()

@@ -47,11 +47,10 @@ import torch
 from torchvision.transforms import v2
 
 from clipexp.data.images import resize_shorter
+from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: F401  (re-exported: the eval default)
 
 Tensor = torch.Tensor
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_POLICY: Dict[str, Any] = dict(crop_scale_min=0.9, hflip=False, vflip=False, rotation_degrees=0.0, color_jitter=0.0)
 DEFAULT_TEMPLATES = ["a photo of {}."]
 #: ITU-R 601 luma weights, as torchvision's ``rgb_to_grayscale`` (contrast and saturation use them)
