@@ -50,7 +50,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CLIPEXP_CACHE_DIR") or Path.cwd() / ".clipexp_cache")
 
 
-def _stat_key(path: Path) -> Tuple[int, int]:
+def _stat_key(path: Union[str, Path]) -> Tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
 
@@ -142,7 +142,7 @@ class ImageCache:
             return load_resized(path, self.resolution)
         key = os.path.abspath(path)
         try:
-            size, mtime = _stat_key(Path(key))
+            size, mtime = _stat_key(key)
         except OSError:
             return load_resized(path, self.resolution)  # raises the proper "not found" reason
         if self.mode in ("memory", "auto"):

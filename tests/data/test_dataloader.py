@@ -95,3 +95,13 @@ def test_collate_fn_stacks_tensors_and_lists_the_rest():
     assert batch["x"].tolist() == [1, 2] and batch["name"] == ["a", "b"]
     with pytest.raises(ValueError, match="empty batch"):
         collate_fn([])
+
+
+def test_collate_fn_keeps_channels_last_images_channels_last():
+    # clipexp's transforms return [3, H, W] images with [H, W, 3] memory: stacked without transposing
+    images = [torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(4)]
+    batch = collate_fn([{"pixel_values": im} for im in images])["pixel_values"]
+    assert batch.shape == (4, 3, 5, 7) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(images))
+    plain = collate_fn([{"pixel_values": im.contiguous()} for im in images])["pixel_values"]
+    assert plain.is_contiguous() and torch.equal(plain, batch)

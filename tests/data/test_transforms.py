@@ -13,7 +13,7 @@ import yaml
 from clipexp.config import CONF_DIR, AugmentationConfig, CLIPFinetuningConfig
 from clipexp.data import ImageTransform, MultiResolutionImageTransform, TextTransform
 from clipexp.data.images import resize_shorter
-from clipexp.data.transforms import GRAY_WEIGHTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AugmentParams, color_matrix
+from clipexp.data.transforms import GRAY_WEIGHTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AugmentParams, PixelNormalizer, color_matrix
 
 
 def solid(h, w, rgb=(255, 0, 51)):
@@ -104,6 +104,22 @@ def test_one_warp_fills_rotated_corners_from_around_the_crop():
     assert edge[:, 0, 0].tolist() == [0, 0, 0] and edge[:, 10, 10].tolist() == [200, 200, 200]
 
 
+def test_rgb_warp_equals_warping_each_channel_alone():
+    """uint8 RGB is warped as RGBA (OpenCV vectorises 4 channels only): bit-identical to warping each
+    channel on its own, for a scaled crop, flips and a rotation, and after an INTER_AREA shrink."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g).permute(1, 2, 0).contiguous().numpy()
+    cases = [AugmentParams(3, 5, 31, 37, hflip=True, angle=7.5), AugmentParams(0, 2, 40, 50, vflip=True, angle=-3.0),
+             AugmentParams(1, 1, 24, 24, angle=12.0)]
+    for p in cases:
+        whole = ImageTransform._geometry(src, p, 20)
+        per_channel = np.stack([ImageTransform._geometry(np.ascontiguousarray(src[..., c : c + 1]), p, 20) for c in range(3)], -1)
+        assert whole.shape == (20, 20, 3) and whole.dtype == np.uint8
+        assert np.array_equal(whole, per_channel.reshape(whole.shape))
+
+
 def test_large_shrink_is_anti_aliased():
     stripes = torch.zeros(3, 16, 64, dtype=torch.uint8)
     stripes[:, :, ::2] = 255  # one-pixel stripes: bilinear sampling every 4th column would see only 255s or 0s
@@ -162,6 +178,11 @@ def test_uint8_output_normalised_per_batch_equals_float_output():
     batch = torch.stack([u, u])
     assert torch.allclose(as_u8.normalizer(batch), torch.stack([f, f]), atol=1e-6)
     assert as_u8.normalizer(f) is f  # float batches pass through
+    # a channels-last batch (as collate_fn stacks clipexp's uint8 images) normalises to standard layout
+    cl = batch.contiguous(memory_format=torch.channels_last)
+    for normalizer in (as_u8.normalizer, PixelNormalizer(as_u8.mean, as_u8.std, reuse_cpu_buffer=True)):
+        out = normalizer(cl)
+        assert out.is_contiguous() and torch.allclose(out, torch.stack([f, f]), atol=1e-6)
     with pytest.raises(ValueError, match="output='half'"):
         ImageTransform(output="half")
 
