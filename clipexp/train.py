@@ -370,11 +370,13 @@ class Trainer:
         workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_train_workers(cores, self.dev.type)
         if self.dev.type == "cpu":
             torch.set_num_threads(default_train_threads(cores, workers))
-        # Workers are not persistent: each epoch re-forks them after set_epoch, so per-sample augmentation
-        # (seeded by seed, epoch, index) is the same whatever the worker count or resume point.
+        # Persistent workers: started once, not again every epoch (a fork, or with spawn a fresh interpreter
+        # and the pickled dataset). Items stay those of (seed, epoch, index) whatever the worker count or
+        # resume point: set_epoch writes the epoch to shared memory before each epoch's iter(), and only
+        # then does the loader hand the workers that epoch's indices.
         self.train_loader = DataLoader(
             self.data.train, batch_size=self.sampler.batch_size, sampler=self.sampler, collate_fn=collate_fn,
-            num_workers=workers, pin_memory=self.dev.type == "cuda", drop_last=False,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=self.dev.type == "cuda", drop_last=False,
         )
         self.eval_batch_size = t.eval_batch_size or max(self.batch_size, 32)
 
@@ -881,8 +883,18 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=self.step)
 
     def cleanup(self, status: Optional[str] = None) -> None:
+        _stop_workers(getattr(self, "train_loader", None))
         if self.tracker is not None:
             self.tracker.end(status or self.status)
+
+
+def _stop_workers(loader: Optional[DataLoader]) -> None:
+    """Stop a loader's persistent workers now rather than whenever the loader is garbage-collected (a sweep
+    runs its jobs one after another in one process). DataLoader has no public call for this."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def _len(dataset) -> int:
