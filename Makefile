@@ -24,4 +24,4 @@ bench: setup
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf outputs multirun mlflow.db mlartifacts .pytest_cache
+	rm -rf outputs multirun mlflow.db mlflow.db.lock mlartifacts .pytest_cache

@@ -156,10 +156,10 @@ def default_train_workers(cores: Optional[int] = None, device_type: str = "cuda"
     On an accelerator: half the cores (at least 1 from 2 cores, at most 4), so augmentation runs beside
     the device step. On CPU: none below 4 cores (items are built in the main process between steps),
     a quarter of the cores from 4 (at most 4); see :func:`default_train_threads` for the step's threads.
-    Measured on 2 cores: the quick start (tiny model, 128 px) takes 64 s with 0 workers and 75 s with one
-    (non-persistent workers are forked again every epoch); the benchmark's small CLIP at 224 px gained
-    from one worker in 4 of 5 paired runs on a busy host (see :func:`default_train_threads`), so
-    ``data.num_workers=1`` is worth trying for heavier models on small CPUs. Inside a launcher's worker process
+    Measured on 2 cores: the quick start (tiny model, 128 px) takes 51 s with 0 workers and 59 s with one
+    persistent worker (same metrics); for the benchmark's small CLIP at 224 px one worker and in-process
+    items measured alike (a/b 0.90 both), so ``data.num_workers=1`` is only worth trying for heavier
+    augmentation on small CPUs. Inside a launcher's worker process
     (joblib/loky): 0, since nested loader processes are not allowed there.
     ``cores``: the cores this process may use (default: all; under torchrun, its share of the node)."""
     import multiprocessing

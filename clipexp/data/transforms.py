@@ -32,8 +32,9 @@ returns the uint8 image as is (channels-last memory) and leaves normalisation to
 whichever device the batch is on. The trainer uses this: a quarter of the bytes through the loader
 and to the GPU, and one vectorised conversion per batch instead of one per image.
 
-Random draws come from torch's global RNG; :class:`~clipexp.data.CLIPDataset` seeds it per item
-(seed, epoch, index) inside ``torch.random.fork_rng`` so results are reproducible.
+Random draws come from the ``generator`` passed to the call (torch's global RNG without one);
+:class:`~clipexp.data.CLIPDataset` passes one seeded per item with (seed, epoch, index), so results are
+reproducible.
 """
 
 from __future__ import annotations
@@ -387,7 +388,7 @@ class ImageTransform:
         if self.output == "uint8":
             return out if out.dtype == torch.uint8 else out.mul(255).round_().clamp_(0, 255).to(torch.uint8)
         if out.dtype == torch.uint8:
-            return self.normalizer(out).contiguous()
+            return self.normalizer(out)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return ((out - mean) / std).contiguous()

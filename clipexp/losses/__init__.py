@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from clipexp.config import LOSSES  # one list of allowed names, shared with config validation
+
 from .contrastive import MAX_LOGIT_SCALE, CLIPContrastiveLoss, ContrastiveLossBase
 from .distributed import gather_with_grad, world_size
 from .domain_specific import DOMAINS, DomainSpecificLoss
@@ -17,8 +19,6 @@ from .hard_negative import MINING_STRATEGIES, HardNegativeMiningLoss
 from .multi_scale import MultiScaleLoss
 from .siglip import SigLIPLoss
 from .temperature_scheduler import SCHEDULES, TemperatureScheduler
-
-from clipexp.config import LOSSES  # one list of allowed names, shared with config validation
 
 _COMMON = {
     "temperature": "temperature",

@@ -6,6 +6,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from clipexp.config import DOMAINS  # one list of allowed names, shared with config validation
+
 from .contrastive import ContrastiveLossBase
 from .targets import (
     class_balanced_weights,
@@ -16,8 +18,6 @@ from .targets import (
 )
 
 Tensor = torch.Tensor
-
-from clipexp.config import DOMAINS  # one list of allowed names, shared with config validation
 
 #: label smoothing per unit of ``domain_weight`` for the medical domain, and its ceiling (< 1)
 MEDICAL_SMOOTHING_PER_WEIGHT = 0.1

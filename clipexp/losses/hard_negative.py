@@ -7,12 +7,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from clipexp.config import MINING_STRATEGIES  # one list of allowed names, shared with config validation
+
 from .contrastive import ContrastiveLossBase
 from .targets import contrastive_cross_entropy
 
 Tensor = torch.Tensor
-
-from clipexp.config import MINING_STRATEGIES  # one list of allowed names, shared with config validation
 
 
 class HardNegativeMiningLoss(ContrastiveLossBase):
