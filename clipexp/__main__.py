@@ -138,7 +138,7 @@ def start_distributed(cfg) -> List[str]:
 
 
 def _task(cfg) -> Optional[float]:
-    from clipexp.train import run
+    from clipexp.task import run
 
     return run(cfg)
 

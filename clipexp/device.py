@@ -6,7 +6,7 @@ import contextlib
 import logging
 import platform
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -158,3 +158,14 @@ class DeviceManager:
         d = self.describe()
         log.info("device: %s (%s), precision %s, bf16=%s fp16=%s", d["device_type"], d["device_name"],
                  d["precision"], d["supports_bf16"], d["supports_fp16"])
+
+
+def build_device(device_cfg: Any, distributed: bool = False) -> DeviceManager:
+    """The run config's ``device`` section resolved (and logged); MPS is refused under torchrun."""
+    from clipexp.config import ConfigError
+
+    devices = DeviceManager(device_cfg.type, device_cfg.precision)
+    devices.log_device_info()
+    if distributed and devices.info.type == "mps":
+        raise ConfigError("device.type", device_cfg.type, "cpu or cuda under torchrun (DistributedDataParallel does not run on MPS)")
+    return devices

@@ -10,8 +10,10 @@ single process runs exactly the code it always ran.
 A sweep job that the ``submitit_slurm`` launcher starts as several SLURM tasks (``tasks_per_node``
 > 1) gets the same variables from :func:`export_submitit_env`.
 
-The helpers name the few collectives the trainer needs (``barrier``, ``broadcast``, ``gather``,
-``average_gradients``) and a best-effort side channel in the rendezvous store through which a rank
+The helpers name the few calls the trainer makes whether or not it is distributed: collectives
+(``barrier``, ``broadcast``, ``gather``, ``average_gradients``), DDP wrapping and gradient sync
+(``wrap``, ``gradient_sync``), sharded evaluation (``shard``, ``gather_in_order``), and a best-effort
+side channel in the rendezvous store through which a rank
 that fails (or is interrupted) tells the others why (:meth:`DistContext.report` /
 :meth:`DistContext.reported_elsewhere`), so the job ends with one clear line instead of N stack
 traces or a hang.
@@ -19,11 +21,13 @@ traces or a hang.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -111,6 +115,38 @@ class DistContext:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    # ------------------------------------------------------------------ DDP and sharded work
+    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``module`` in DistributedDataParallel when there are several processes and it has something
+        to train; ``module`` itself otherwise."""
+        if not self.enabled or not any(p.requires_grad for p in module.parameters()):
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # CLIP's buffers (position ids) are constants: no buffer broadcast before every forward
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DDP(module, device_ids=device_ids, gradient_as_bucket_view=True, **no_buffer_sync)
+
+    @staticmethod
+    def gradient_sync(module: torch.nn.Module, now: bool):
+        """The context of a backward: DDP all-reduces gradients only when ``now`` (the last micro-batch
+        of a step; ``no_sync`` before it). Any other module: nothing to do."""
+        return contextlib.nullcontext() if now or not hasattr(module, "no_sync") else module.no_sync()
+
+    def shard(self, n: int) -> List[int]:
+        """This rank's share of ``n`` work items (item ``i`` goes to rank ``i % world_size``)."""
+        return list(range(self.rank, n, self.world_size))
+
+    def gather_in_order(self, parts: Sequence[Tuple[int, Any]]) -> Optional[List[Any]]:
+        """Every rank's ``(index, value)`` parts on rank 0, as values sorted by index (None elsewhere):
+        with :meth:`shard`, the values one process would have made, in its order."""
+        gathered = self.gather(list(parts))
+        if gathered is None:
+            return None
+        return [value for _, value in sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])]
 
     # ------------------------------------------------------------------- failures across ranks
     def report(self, kind: str, message: str) -> None:

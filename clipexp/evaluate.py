@@ -8,15 +8,23 @@ similarity matrix.
 
 Zero-shot: each class's text embedding is the normalised mean of its prompt templates' embeddings;
 an image is assigned the most similar class. Top-1 and balanced (mean per-class recall) accuracy.
+
+:class:`Evaluator` runs a model over a split for the trainer: embeddings and loss in batches (sharded
+across ranks under torchrun, gathered in order, so the numbers are those of one process), then the
+metrics above.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader
+
+from clipexp.models import image_features, text_features
 
 RECALL_KS = (1, 5, 10)
 
@@ -91,3 +99,71 @@ def class_text_embeddings(encode_text, class_names: List[str], templates: List[s
     prompts = [t.format(c) for c in class_names for t in templates]
     embeds = encode_text(prompts).float().view(len(class_names), len(templates), -1).mean(dim=1)
     return F.normalize(embeds, dim=-1)
+
+
+class Evaluator:
+    """The metrics of a model on a split: ``metrics(split, dataset)``.
+
+    ``prepare``: a loader batch -> the towers' inputs on the device (the trainer's ``DeviceBatches``);
+    ``dist``: the :class:`~clipexp.distributed.DistContext` (a single process is a context of one).
+    """
+
+    def __init__(self, model, loss_fn, processor, *, prepare: Callable, collate: Callable, autocast: Callable, dist,
+                 device: torch.device, batch_size: int, max_length: int, class_names: Sequence[str], templates: Sequence[str]):
+        self.model, self.loss_fn, self.processor = model, loss_fn, processor
+        self.prepare, self.collate, self.autocast, self.dist, self.device = prepare, collate, autocast, dist, device
+        self.batch_size, self.max_length = batch_size, max_length
+        self.class_names, self.templates = list(class_names or []), list(templates)
+
+    @torch.no_grad()
+    def embed(self, dataset) -> Optional[Dict[str, Any]]:
+        """Embeddings of every pair in ``dataset`` plus its groups and labels, and the mean loss.
+
+        Several processes: the batches are dealt round-robin to the ranks and rank 0 gathers them back
+        in order, so every batch, its loss and the result are those of one process; the other ranks
+        return None.
+        """
+        self.model.eval()
+        n, size = len(dataset), self.batch_size
+        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        mine = self.dist.shard(len(batches))
+        loader = DataLoader(dataset, batch_sampler=[batches[i] for i in mine], collate_fn=self.collate, num_workers=0)
+        parts = []
+        for index, batch in zip(mine, loader):
+            b = self.prepare(batch)
+            with self.autocast():
+                img = image_features(self.model, b["pixel_values"])
+                txt = text_features(self.model, b["input_ids"], b["attention_mask"], text_index=b["text_index"])
+            out = self.loss_fn(img, txt, group_ids=b["group_ids"], labels=b["labels"], logit_scale=self.model.logit_scale)
+            parts.append((index, (img.float().cpu(), txt.float().cpu(), batch["group_ids"], batch["labels"], float(out["loss"]), img.shape[0])))
+        ordered = self.dist.gather_in_order(parts)
+        if ordered is None:
+            return None
+        imgs, txts, groups, labels, losses, weights = zip(*ordered)
+        return {
+            "image": torch.cat(imgs), "text": torch.cat(txts), "groups": torch.cat(groups), "labels": torch.cat(labels),
+            "loss": float(np.average(losses, weights=weights)),
+        }
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: List[str]) -> Tensor:
+        tok = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        with self.autocast():
+            return text_features(self.model, tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float().cpu()
+
+    def metrics(self, split: str, dataset) -> Dict[str, Any]:
+        """``{"metrics": {"<split>/<name>": value}, "confusion": ..., "embeddings": ...}``. Several
+        processes: every rank embeds its share, rank 0 computes the metrics and sends them to the others
+        (``embeddings`` is None there), so all ranks decide alike."""
+        e = self.embed(dataset)
+        result = None
+        if e is not None:
+            metrics: Dict[str, Any] = {"loss": e["loss"], **evaluate_retrieval(e["image"], e["text"], e["groups"])}
+            confusion = None
+            if self.class_names and (e["labels"] >= 0).any():
+                class_embeds = class_text_embeddings(self.encode_prompts, self.class_names, self.templates)
+                zs = zero_shot_metrics(e["image"], e["labels"], class_embeds)
+                confusion = zs.pop("confusion")
+                metrics.update(zs)
+            result = {"metrics": {f"{split}/{k}": v for k, v in metrics.items()}, "confusion": confusion}
+        return {**self.dist.broadcast(result), "embeddings": e}

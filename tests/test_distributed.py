@@ -208,15 +208,16 @@ SMOKE = ["experiment=smoke", "trainer.batch_size=4", "data.num_workers=0", "trai
 # Runs clipexp's main on each rank, recording every atomic_save with its rank and making one rank fail.
 INJECT = '''
 import os
+import clipexp.checkpoint as checkpoint
 import clipexp.train as train
 
 rank = os.environ["RANK"]
-_save = train.atomic_save
+_save = checkpoint.atomic_save
 def recording_save(obj, path):
     with open(os.environ["SAVES"], "a") as fh:
         fh.write(f"{rank} {path}\\n")
     return _save(obj, path)
-train.atomic_save = recording_save
+checkpoint.atomic_save = recording_save
 
 fail_rank, fail_at = os.environ["FAIL"].split(":")
 _accumulate = train.Trainer._accumulate

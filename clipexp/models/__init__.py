@@ -13,17 +13,23 @@ from clipexp.models.clip import (
     text_features,
     write_byte_level_vocab,
 )
+from clipexp.models.training import DualEncoder, apply_levers, build_training_model, enable_checkpointing, quiet_transformers
 
 __all__ = [
     "CLIPFinetuningController",
+    "DualEncoder",
     "ModelLoadError",
+    "apply_levers",
+    "build_training_model",
     "build_model",
     "build_processor",
     "build_tokenizer",
     "count_parameters",
+    "enable_checkpointing",
     "image_features",
     "load_clip",
     "pack_captions",
+    "quiet_transformers",
     "text_features",
     "write_byte_level_vocab",
 ]

@@ -1,0 +1,230 @@
+"""Run-config schemas: the dataclasses registered in Hydra's ConfigStore, and the allowed names.
+
+The Hydra tree in ``conf/`` composes into one ``RunConfig``. The dataclasses below are registered in
+Hydra's ConfigStore as the schema of ``conf/config.yaml``, so OmegaConf rejects unknown keys and
+values of the wrong type while composing; :func:`clipexp.config.validate` then checks the ranges.
+Import these names from :mod:`clipexp.config`, which re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+DOMAINS = ("general", "medical", "industrial", "scientific")
+LOSSES = ("contrastive", "hard_negative", "domain_specific", "multi_scale", "siglip")
+MINING_STRATEGIES = ("semi-hard", "hard", "weighted")
+SCHEDULES = ("constant", "warmup", "cosine", "exponential", "adaptive")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SOURCES = ("csv", "json", "folder", "hf", "textile")
+ON_ERROR = ("raise", "skip")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+ACCUMULATION = ("plain", "exact")
+MONITOR_MODES = ("max", "min")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+class ConfigError(ValueError):
+    """A config value a user set is wrong. The message is one line: key, value, what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is invalid: {allowed}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemas (registered in Hydra's ConfigStore by ``register_configs``)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArchitectureConfig:
+    """Sizes of a CLIP built from a ``CLIPConfig`` with random weights (``model=tiny``)."""
+
+    projection_dim: int = 64
+    patch_size: int = 8
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate_size: int = 128
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate_size: int = 128
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clip_vit_b32"
+    # Hub id or local directory; null together with ``architecture`` builds a random-weight CLIP.
+    name_or_path: Optional[str] = "openai/clip-vit-base-patch32"
+    image_resolution: int = 224
+    max_sequence_length: int = 77
+    architecture: Optional[ArchitectureConfig] = None
+    gradient_checkpointing: Any = False  # true (both towers) | image | text | false
+    lock_image: bool = False
+    lock_text: bool = False
+
+
+@dataclass
+class AugmentationConfig:
+    """Training-time image augmentation of a domain (torchvision v2, applied to uint8 tensors)."""
+
+    crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 = resize + centre crop only
+    hflip: bool = False
+    vflip: bool = False
+    rotation_degrees: float = 0.0
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+
+
+@dataclass
+class DomainConfig:
+    name: str = "general"
+    learning_rate: float = 5e-5
+    num_epochs: int = 10
+    prompt_templates: List[str] = field(default_factory=lambda: ["a photo of {}."])
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    # Strength of the domain's loss adjustment (``loss=domain_specific``); see README "Losses".
+    loss_weight: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    name: str = "contrastive"
+    temperature: float = 0.07
+    learnable_temp: bool = False
+    use_model_logit_scale: bool = False
+    multi_positive: bool = True
+    hard_negative_ratio: float = 0.5
+    mining_strategy: str = "semi-hard"
+    hard_negative_weight: float = 2.0
+    domain: str = "general"
+    domain_weight: float = 1.0
+    scales: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    scale_weights: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    normalize_weights: bool = True
+    siglip_init_bias: float = -10.0
+    # Temperature schedule: one string key so sweeps can write loss.temperature_schedule=cosine,exponential
+    temperature_schedule: str = "constant"
+    min_temp: float = 0.01
+    max_temp: float = 0.1
+    temp_warmup_steps: int = 0
+    temp_decay_rate: float = 0.999
+    temp_patience: int = 100
+    temp_factor: float = 0.9
+
+
+@dataclass
+class DataConfig:
+    source: str = "textile"
+    path: Optional[str] = None
+    image_column: str = "image_path"
+    caption_column: str = "caption"
+    label_column: Optional[str] = "label"
+    hf_split: str = "train"
+    train_split: float = 0.8
+    val_split: float = 0.1
+    test_split: float = 0.1
+    max_samples: Optional[int] = None
+    num_workers: Optional[int] = None  # null = chosen from the machine's cores
+    shuffle: bool = True
+    augment_images: bool = True
+    augment_text: bool = False
+    on_error: str = "raise"
+    allow_outside_root: bool = False  # images outside the CSV/JSON's folder are an error unless true
+    check_images: bool = True  # decode every image before training (catches truncated files)
+    cache_images: str = "auto"
+    cache_memory_mb: int = 2048
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    learning_rate: float = 5e-5
+    batch_size: Optional[int] = None  # null = automatic
+    eval_batch_size: Optional[int] = None  # null = batch_size
+    num_epochs: int = 10
+    max_steps: Optional[int] = None  # set: overrides num_epochs
+    warmup_steps: int = 500
+    gradient_accumulation_steps: int = 1
+    accumulation: str = "plain"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    fused_adamw: bool = True
+    pack_captions: bool = True  # each distinct caption of a batch encoded once, padding cut to the longest
+    save_steps: int = 1000
+    eval_steps: int = 500
+    logging_steps: int = 100
+    eval_at_start: bool = True
+    monitor: str = "val/t2i_R1"
+    monitor_mode: str = "max"
+    keep_last: int = 2
+    early_stopping_patience: Optional[int] = None
+    resume: Optional[str] = None  # latest | <checkpoint path>
+    progress: bool = True
+    dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # null = sqlite:///<project root>/mlflow.db
+    experiment: str = "clipexp"
+    run_name: Optional[str] = None  # null = made from the command-line overrides
+    log_model: bool = True
+    system_metrics: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    domain: DomainConfig = field(default_factory=DomainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 42
+    optimized_metric: Optional[str] = None  # set by hparams_search presets (documentation only)
+
+
+def run_stamp() -> str:
+    """``<date>/<time with microseconds>`` fixed once per command: the main process sets it and every
+    job process it starts (joblib, submitit) inherits it, so a sweep's jobs agree on one folder while
+    two commands started in the same second never share one."""
+    import datetime
+    import os
+
+    pid, _, stamp = os.environ.get("CLIPEXP_RUN_STAMP", "").partition("|")
+    if stamp and pid in (str(os.getpid()), str(os.getppid())):
+        return stamp
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    os.environ["CLIPEXP_RUN_STAMP"] = f"{os.getpid()}|{stamp}"
+    return stamp
+
+
+def register_configs() -> None:
+    """Register the run schema (``conf/config.yaml``'s defaults list starts with it) and the
+    ``clipexp_stamp`` resolver used in the output folder names."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("clipexp_stamp"):
+        OmegaConf.register_new_resolver("clipexp_stamp", run_stamp, use_cache=True)
+
