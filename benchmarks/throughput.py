@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,6 +220,26 @@ def _clipexp_overrides(args, spec) -> List[str]:
     return out + list(args.set)
 
 
+def clipexp_setup(args, images_on_disk: bool = False) -> SimpleNamespace:
+    """(a)'s run config, device, model, processor and datasets, made by the trainer's own builders (the
+    same seed: the same weights and the same train split). ``images_on_disk``: no image cache and no
+    decoding up front (for (b) and (c), which read a few images or decode their own)."""
+    from clipexp.__main__ import compose_and_validate
+    from clipexp.checkpoint import seed_everything
+    from clipexp.data import collate_fn
+    from clipexp.device import build_device
+    from clipexp.models import build_training_model
+    from clipexp.train_data import build_data
+
+    extra = ["data.cache_images=none", "data.check_images=false"] if images_on_disk else []
+    cfg = compose_and_validate(_clipexp_overrides(args, model_spec(args)) + extra)
+    devices = build_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, processor = build_training_model(cfg.model, cfg.device, devices.device)
+    return SimpleNamespace(cfg=cfg, dev=devices.info, device=devices.device, model=model, processor=processor,
+                           data=build_data(cfg, processor), collate=collate_fn)
+
+
 # --------------------------------------------------------------------------------------------------
 # (a) the clipexp Trainer
 # --------------------------------------------------------------------------------------------------
@@ -281,47 +302,15 @@ def measure_clipexp(args, extra: tuple = ()) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _train_pairs(args) -> list:
-    """The textile training split (80/10/10, seeded) that (a) trains on."""
-    from clipexp.data.loaders import read_source
-    from clipexp.data.split import split_pairs
-
-    pairs, _ = read_source({"source": "textile", "check_images": False}, seed=args.seed)
-    return split_pairs(pairs, 0.8, 0.1, 0.1, args.seed)[0]
-
-
-def _train_captions(args, n: int, seq_len: int):
-    """``input_ids``/``attention_mask`` (padded to ``seq_len``), caption groups and labels of ``n`` training
-    pairs of the textile split, drawn with the seed: the text a training batch of (a) holds."""
-    import torch
-
-    from clipexp.data.pairs import caption_group_ids, class_names_of
-    from clipexp.models.clip import build_tokenizer
-
-    train = _train_pairs(args)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
-    batch = [train[i % len(train)] for i in order]
-    captions = [p.captions[0] for p in batch]
-    tok = build_tokenizer(seq_len)(captions, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-    classes = class_names_of(train)
-    labels = torch.tensor([classes.index(p.label) for p in batch])
-    groups = torch.tensor(caption_group_ids(captions))
-    return tok["input_ids"], tok["attention_mask"], groups, labels
-
-
-
 def measure_bare(args) -> Dict[str, Any]:
     import torch
     from omegaconf import OmegaConf
 
-    from clipexp.__main__ import compose_and_validate
-    from clipexp.device import DeviceManager
     from clipexp.losses import build_loss
-    from clipexp.models.clip import build_model, image_features, pack_captions, text_features
-    from clipexp.train import param_groups
+    from clipexp.models import image_features, text_features
+    from clipexp.optim import build_optimizer, trainable_parameters
+    from clipexp.train_data import DeviceBatches, text_has_dropout
 
-    spec = model_spec(args)
-    cfg = compose_and_validate(_clipexp_overrides(args, spec))
     if args.measure == "b1" and args.device == "cpu":  # the compute threads the trainer keeps for itself on CPU
         from clipexp.train import default_train_threads, default_train_workers
 
@@ -330,35 +319,25 @@ def measure_bare(args) -> Dict[str, Any]:
         torch.set_num_threads(default_train_threads(cores, workers))
     elif args.bare_threads:
         torch.set_num_threads(args.bare_threads)
-    dev = DeviceManager(args.device, args.precision).info
-    device = torch.device(dev.type)
-    torch.manual_seed(args.seed)
     with MemoryWatch() as mem:
-        model = build_model(spec["arch"], spec["resolution"], spec["seq_len"]).to(device).train()
+        run = clipexp_setup(args, images_on_disk=True)
+        cfg, dev, model, train = run.cfg, run.dev, run.model.train(), run.data.train
         loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
-        loss_fn = build_loss(loss_cfg["name"], **loss_cfg).to(device)
+        loss_fn = build_loss(loss_cfg["name"], **loss_cfg).to(run.device)
         t = cfg.trainer
-        optimizer = torch.optim.AdamW(param_groups({"model": model, "loss": loss_fn}, t.weight_decay), lr=1e-4,
-                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                      fused=True if (t.fused_adamw and dev.type == "cuda") else None)
-        scaler = torch.amp.GradScaler(dev.type, enabled=dev.use_grad_scaler)
-        b, r, L = args.batch_size, spec["resolution"], spec["seq_len"]
-        g = torch.Generator().manual_seed(args.seed)
-        pixels = torch.randn(b, 3, r, r, generator=g).to(device)
-        # the captions of a real training batch, tokenised and packed as the trainer does (_device_batch)
-        ids, mask, groups, labels = _train_captions(args, b, L)
-        text_index = None
-        if t.pack_captions:
-            ids, mask, text_index = pack_captions(ids, mask)
-            text_index = None if text_index is None else text_index.to(device)
-        ids, mask, groups, labels = ids.to(device), mask.to(device), groups.to(device), labels.to(device)
-        params = [p for grp in optimizer.param_groups for p in grp["params"]]
+        optimizer, scaler = build_optimizer(t, model, loss_fn, dev.type, dev.use_grad_scaler)
+        # one real training batch (augmented items, packed captions), moved to the device once, as the trainer moves it
+        b = args.batch_size
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:b].tolist()
+        to_device = DeviceBatches(run.device, train.image_transform, t.pack_captions, t.pack_captions and not text_has_dropout(model))
+        batch = to_device(run.collate([train[i % len(train)] for i in order]))
+        params = trainable_parameters(optimizer)
 
         def step():
             with dev.autocast():
-                img = image_features(model, pixels)
-                txt = text_features(model, ids, mask, text_index=text_index)
-            out = loss_fn(img, txt, group_ids=groups, labels=labels, logit_scale=model.logit_scale)
+                img = image_features(model, batch["pixel_values"])
+                txt = text_features(model, batch["input_ids"], batch["attention_mask"], text_index=batch["text_index"])
+            out = loss_fn(img, txt, group_ids=batch["group_ids"], labels=batch["labels"], logit_scale=model.logit_scale)
             scaler.scale(out["loss"]).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
@@ -421,14 +400,9 @@ def measure_hf(args) -> Dict[str, Any]:
     from transformers import Trainer as HFTrainer
     from transformers import TrainerCallback, TrainingArguments
 
-    from clipexp.models.clip import build_model, build_processor
-
-    spec = model_spec(args)
-    train = _train_pairs(args)
-    processor = build_processor(spec["resolution"], spec["seq_len"])
-    dataset = PILCaptionDataset([str(p.image_path) for p in train], [p.captions[0] for p in train], processor, spec["seq_len"])
-    torch.manual_seed(args.seed)
-    model = build_model(spec["arch"], spec["resolution"], spec["seq_len"])
+    run = clipexp_setup(args, images_on_disk=True)  # the same model, processor and training pairs as (a)
+    train, model = run.data.train, run.model
+    dataset = PILCaptionDataset(train.image_paths, train.captions, run.processor, model_spec(args)["seq_len"])
     stamps: List[float] = []
     cpu: List[float] = []
     total = args.warmup + args.steps
@@ -587,7 +561,7 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--trainer-threads", type=int, default=None,
                    help="experiment: torch threads for (a) after setup (default: the trainer's choice, clipexp.train.default_train_threads)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU (default: looked up by name on CUDA)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra clipexp config override for (a) and (b)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra clipexp config override for (a) and (b) (and the model of (c))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement process")
     p.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)

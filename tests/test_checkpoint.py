@@ -1,0 +1,78 @@
+"""clipexp.checkpoint on real files: atomic writes, keep-last, best, what ``resume`` finds, RNG states."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from clipexp import checkpoint
+from clipexp.config import ConfigError
+from clipexp.distributed import DistContext
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_rng_state_is_plain_types_and_tensors_and_restores_every_generator(tmp_path):
+    checkpoint.seed_everything(7)
+    path = checkpoint.save_checkpoint(checkpoint.step_path(tmp_path, 3), {"rng": checkpoint.rng_state(), "step": 3})
+    want = _draws()
+    _draws()  # move every generator on
+    state = torch.load(path, weights_only=True)  # no pickled NumPy object: loads with weights_only
+    checkpoint.set_rng_state(state["rng"])
+    assert _draws() == want and state["step"] == 3 and path.name == "step_0000003.pt"
+
+
+def test_set_rng_state_reads_the_older_numpy_state_tuple():
+    checkpoint.seed_everything(1)
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    want = _draws()
+    checkpoint.set_rng_state(old)
+    assert _draws() == want
+
+
+def test_save_keeps_the_last_k_steps_and_never_the_temp_file_or_best(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    checkpoint.save_best(ckpt, {"w": torch.ones(1)}, {}, step=1, monitor="val/loss", value=0.5)
+    for step in (1, 2, 3, 4):
+        checkpoint.save_checkpoint(checkpoint.step_path(ckpt, step), {"step": step}, keep_last=2)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "step_0000003.pt", "step_0000004.pt"]
+    best = checkpoint.load_checkpoint(ckpt / checkpoint.BEST)
+    assert (best["step"], best["monitor"], best["value"], best["model"]["w"].tolist()) == (1, "val/loss", 0.5, [1.0])
+
+
+def test_latest_is_this_runs_newest_step_else_the_newest_sibling_run(tmp_path):
+    outputs = tmp_path / "outputs"
+    older, newer, this = (outputs / "2026-01-01" / t for t in ("10-00-00", "11-00-00", "12-00-00"))
+    for run, steps in ((older, (4, 8)), (newer, (2,))):
+        for step in steps:
+            checkpoint.save_checkpoint(checkpoint.step_path(run / "checkpoints", step), {"step": step})
+    past = time.time() - 100
+    os.utime(older / "checkpoints" / "step_0000008.pt", (past, past))  # newer's step 2 is the most recent file
+    assert checkpoint.find_latest_checkpoint(this) == newer / "checkpoints" / "step_0000002.pt"
+    checkpoint.save_checkpoint(checkpoint.step_path(this / "checkpoints", 1), {"step": 1})
+    assert checkpoint.find_latest_checkpoint(this) == this / "checkpoints" / "step_0000001.pt"
+    assert checkpoint.resolve_resume("latest", this, DistContext()) == this / "checkpoints" / "step_0000001.pt"
+
+
+def test_resume_with_nothing_to_resume_names_the_key(tmp_path):
+    run = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
+    with pytest.raises(ConfigError, match=r"^trainer.resume='latest' is invalid: latest \(with a checkpoint under outputs/\)"):
+        checkpoint.resolve_resume("latest", run, DistContext())
+    with pytest.raises(ConfigError, match=r"trainer.resume='/nope.pt' is invalid"):
+        checkpoint.resolve_resume("/nope.pt", run, DistContext())
+
+
+def test_resuming_another_runs_checkpoint_adopts_its_best(tmp_path):
+    other, this = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints"
+    checkpoint.save_best(other, {"w": torch.zeros(2)}, {}, step=5, monitor="val/t2i_R1", value=0.25)
+    checkpoint.adopt_best(checkpoint.step_path(other, 6), this)
+    assert checkpoint.load_checkpoint(this / checkpoint.BEST)["step"] == 5
+    checkpoint.adopt_best(checkpoint.step_path(this, 6), this)  # its own folder: nothing to copy
+    assert sorted(p.name for p in this.iterdir()) == ["best.pt"]
