@@ -116,6 +116,37 @@ def _synthetic_batch(model: nn.Module, batch_size: int, resolution: int, seq_len
     }
 
 
+class _OptimizerSnapshot:
+    """The optimizer's parameters (copied to CPU on the first ``save``) and state, put back by ``restore``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params: Optional[List[torch.Tensor]] = None
+        self.state: Optional[Dict[Any, Any]] = None
+
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def save(self) -> None:
+        if self.params is None:
+            self.params = [p.detach().to("cpu", copy=True) for p in self._params()]
+        state = self.optimizer.state_dict()["state"]
+        self.state = None if not state else {
+            k: {n: (v.to("cpu", copy=True) if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in state.items()
+        }
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self._params(), self.params):
+                p.copy_(saved.to(p.device))
+        if self.state is None:
+            self.optimizer.state.clear()
+        else:
+            full = self.optimizer.state_dict()
+            full["state"] = self.state
+            self.optimizer.load_state_dict(full)
+
+
 def make_train_step_probe(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -142,35 +173,13 @@ def make_train_step_probe(
     autocast = autocast or (lambda: torch.autocast(device.type, enabled=False))
     from clipexp.models.clip import image_features, text_features  # local: models import transformers
 
-    snapshot: Dict[str, Any] = {}
-
-    def _params() -> List[torch.Tensor]:
-        return [p for group in optimizer.param_groups for p in group["params"]]
-
-    def _save() -> None:
-        if "params" not in snapshot:
-            snapshot["params"] = [p.detach().to("cpu", copy=True) for p in _params()]
-        state = optimizer.state_dict()["state"]
-        snapshot["state"] = None if not state else {
-            k: {n: (v.to("cpu", copy=True) if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in state.items()
-        }
-
-    def _restore() -> None:
-        with torch.no_grad():
-            for p, saved in zip(_params(), snapshot["params"]):
-                p.copy_(saved.to(p.device))
-        if snapshot["state"] is None:
-            optimizer.state.clear()
-        else:
-            full = optimizer.state_dict()
-            full["state"] = snapshot["state"]
-            optimizer.load_state_dict(full)
+    snapshot = _OptimizerSnapshot(optimizer) if optimizer is not None else None
 
     def probe(batch_size: int) -> None:
         was_training = model.training
         model.train()
-        if optimizer is not None:
-            _save()
+        if snapshot is not None:
+            snapshot.save()
         try:
             batch = _synthetic_batch(model, batch_size, resolution, seq_len, device)
             with autocast():
@@ -187,9 +196,9 @@ def make_train_step_probe(
         finally:
             model.zero_grad(set_to_none=True)
             loss_fn.zero_grad(set_to_none=True)
-            if optimizer is not None:
+            if snapshot is not None:
                 optimizer.zero_grad(set_to_none=True)
-                _restore()
+                snapshot.restore()
             model.train(was_training)
             free_memory(device)
 

@@ -29,7 +29,7 @@ Frozen towers (``lock_image`` / ``lock_text``) are not re-run in step 3.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -116,6 +116,39 @@ def _scale_loss(loss: Tensor, loss_scale: Any) -> Tensor:
     return loss if factor == 1.0 else loss * factor
 
 
+def _embed_without_graph(model, micro_batches, device, autocast) -> Tuple[List[Tensor], List[Tensor], List[tuple]]:
+    """Step (a): every micro-batch's image and text embeddings under ``no_grad``, and the RNG state
+    before each tower's forward (so the re-forward draws the same dropout masks)."""
+    image_parts: List[Tensor] = []
+    text_parts: List[Tensor] = []
+    rng_states: List[tuple] = []
+    with torch.no_grad():
+        for mb in micro_batches:
+            before_image = get_rng_state(device)
+            image_parts.append(_embed_image(model, mb, device, autocast))
+            before_text = get_rng_state(device)
+            text_parts.append(_embed_text(model, mb, device, autocast))
+            rng_states.append((before_image, before_text))
+    return image_parts, text_parts, rng_states
+
+
+def _reforward(model, mb, states: tuple, image_grad: Optional[Tensor], text_grad: Optional[Tensor], device, autocast) -> None:
+    """Step (c) for one micro-batch: re-run each tower that has a cached embedding gradient (from the
+    RNG state of its first forward) and backpropagate that gradient through it."""
+    outputs: List[Tensor] = []
+    grads: List[Tensor] = []
+    for tower_grad, state, embed in ((image_grad, states[0], _embed_image), (text_grad, states[1], _embed_text)):
+        if tower_grad is None:
+            continue
+        set_rng_state(state)
+        emb = embed(model, mb, device, autocast)
+        if emb.requires_grad:
+            outputs.append(emb)
+            grads.append(tower_grad.to(emb.dtype))
+    if outputs:
+        torch.autograd.backward(outputs, grads)
+
+
 def exact_accumulation_step(
     model: nn.Module,
     loss_fn: Callable[..., Dict[str, Tensor]],
@@ -151,17 +184,8 @@ def exact_accumulation_step(
     train_text = _trainable(model, ("text_model", "text_projection"))
 
     # (a) embeddings without a graph, remembering the RNG state before each tower's forward
-    image_parts: List[Tensor] = []
-    text_parts: List[Tensor] = []
-    rng_states: List[tuple] = []
     prep = prepare or (lambda mb: mb)
-    with torch.no_grad():
-        for mb in map(prep, micro_batches):
-            before_image = get_rng_state(device)
-            image_parts.append(_embed_image(model, mb, device, autocast))
-            before_text = get_rng_state(device)
-            text_parts.append(_embed_text(model, mb, device, autocast))
-            rng_states.append((before_image, before_text))
+    image_parts, text_parts, rng_states = _embed_without_graph(model, map(prep, micro_batches), device, autocast)
     rng_after = get_rng_state(device)
     sizes = [p.shape[0] for p in image_parts]
 
@@ -184,20 +208,9 @@ def exact_accumulation_step(
     # (c) re-forward each micro-batch with a graph and push its cached embedding gradients through it
     if image_grads is not None or text_grads is not None:
         for i, (raw, states) in enumerate(zip(micro_batches, rng_states)):
-            mb = prep(raw)
-            outputs: List[Tensor] = []
-            grads: List[Tensor] = []
-            for tower_grads, state, embed in ((image_grads, states[0], _embed_image), (text_grads, states[1], _embed_text)):
-                if tower_grads is None:
-                    continue
-                set_rng_state(state)
-                emb = embed(model, mb, device, autocast)
-                if emb.requires_grad:
-                    outputs.append(emb)
-                    grads.append(tower_grads[i].to(emb.dtype))
-            if outputs:
-                torch.autograd.backward(outputs, grads)
-            del outputs, grads
+            image_grad = None if image_grads is None else image_grads[i]
+            text_grad = None if text_grads is None else text_grads[i]
+            _reforward(model, prep(raw), states, image_grad, text_grad, device, autocast)
     set_rng_state(rng_after)
 
     return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in out.items()}
