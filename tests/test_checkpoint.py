@@ -76,3 +76,22 @@ def test_resuming_another_runs_checkpoint_adopts_its_best(tmp_path):
     assert checkpoint.load_checkpoint(this / checkpoint.BEST)["step"] == 5
     checkpoint.adopt_best(checkpoint.step_path(this, 6), this)  # its own folder: nothing to copy
     assert sorted(p.name for p in this.iterdir()) == ["best.pt"]
+
+
+def test_a_trainers_checkpoint_is_plain_types_and_tensors_and_resumes_its_position(tmp_path):
+    """A real run's step checkpoint loads with ``weights_only=True`` (what a safe loader will use) and
+    holds every key a resume reads."""
+    from clipexp.__main__ import compose_and_validate
+    from clipexp.train import train
+
+    cfg = compose_and_validate(["experiment=smoke", "tracking.enabled=false", "data.num_workers=0", "trainer.eval_at_start=false",
+                                "trainer.max_steps=2", "trainer.save_steps=1", "trainer.eval_steps=2", "trainer.keep_last=1"])
+    train(cfg, output_dir=tmp_path / "run")
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["best.pt", "step_0000002.pt"]  # keep_last=1 pruned step 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
+    assert set(state) == {"model", "loss_fn", "optimizer", "scaler", "temp_schedule", "loss_temperature", "oom", *checkpoint.POSITION,
+                          "rng", "run_id", "config"}
+    assert (state["step"], state["epoch"], state["batch_in_epoch"], state["best_step"]) == (2, 0, 2, 2)
+    assert [s for s, _ in state["history"]["train/loss"]] == [1, 2] and state["config"]["trainer"]["max_steps"] == 2
+    assert torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["step"] == 2
