@@ -100,12 +100,13 @@ class Trainer:
         # accumulation of several micro-batches (GradCache runs the towers itself and averages once, in _accumulate)
         exact = t.accumulation == "exact" and t.gradient_accumulation_steps > 1
         self.encoder = DualEncoder(self.model) if exact else self.dist.wrap(DualEncoder(self.model), self.device)
+        derived = derived_params(self)
         self.tracker = start_tracking(
             cfg, enabled=cfg.tracking.enabled and self.dist.is_main, overrides=self.overrides, output_dir=self.output_dir,
-            tags=run_tags(cfg, self.overrides, self.output_dir, self.dev, self.extra_tags), derived=derived_params(self),
+            tags=run_tags(cfg, self.overrides, self.output_dir, self.dev, self.extra_tags), derived=derived,
             resume=None if resumed is None else {"run_id": resumed.get("run_id"), "from": self.resumed_from, "step": self.step})
         log.info("train %d / val %d / test %d pairs; %d steps (%d per epoch) of %d samples (%s accumulation); outputs in %s",
-                 len(self.data.train), _len(self.data.val), _len(self.data.test), self.total_steps,
+                 derived["num_train_pairs"], derived["num_val_pairs"], derived["num_test_pairs"], self.total_steps,
                  self.steps_per_epoch, self.global_batch, t.accumulation, self.output_dir)
         return self
 
@@ -391,10 +392,6 @@ class Trainer:
 
 def _gather(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else gather_with_grad(t)
-
-
-def _len(dataset) -> int:
-    return 0 if dataset is None else len(dataset)
 
 
 def _progress(total: int, initial: int, enabled: bool):
