@@ -12,14 +12,17 @@ memory peaks and caches of one never leak into another), ``--repeats`` times, in
               or checkpoint before the last step. Timed from the end of optimizer step ``--warmup`` to
               the end of the last step.
 (a0)          (a) with ``trainer.pack_captions=false`` (every caption encoded, padded to 77 tokens).
-(b) bare      the same model's training step on tensors already on the device: float pixels and the
-              captions of a real training batch, packed as the trainer packs them; forward of both
+(b) bare      the same model's training step on tensors already on the device: one real training batch
+              moved there once by the trainer's ``DeviceBatches`` (normalised, captions packed); forward of both
               towers in the run's precision, the clipexp loss, backward, gradient clipping, AdamW. No
               data, no bookkeeping: the compute limit of what (a) computes.
 (c) hf        ``transformers.Trainer`` on the same model (same architecture and seed), the same training
               images and batch, fed by the dataset most people start from: open each JPEG with PIL, run
               the ``CLIPProcessor`` on it and tokenize its caption per item; ``CLIPModel(return_loss=True)``
               gives the CLIP loss. Its defaults otherwise (0 loader workers, fused AdamW).
+
+(a), (b) and (c) build their config, model, processor and data with the package's own builders
+(:func:`clipexp_setup`), so they train the same weights on the same split.
 
 Printed: samples/s of each (median and range over the repeats), the ratios a/b and a/c, peak memory
 (CPU: peak RSS of the process, and of the process plus its loader workers sampled every 50 ms; CUDA:
