@@ -145,17 +145,7 @@ class CLIPDataset(Dataset):
         self.labels = torch.tensor([index[p.label] if p.label is not None else -1 for p in self.pairs], dtype=torch.long)
         self.group_ids = torch.tensor([p.group_id for p in self.pairs], dtype=torch.long)
 
-        # tokenise every distinct candidate string once
-        strings: Dict[str, int] = {}
-        self._cands: List[tuple] = []
-        for p in self.pairs:
-            cands = text_transform.candidates(self._item_captions(p), p.label)
-            self._cands.append(tuple(strings.setdefault(s, len(strings)) for s in cands))
-        self.texts: List[str] = list(strings)
-        if strings:
-            self._ids, self._mask = text_transform.encode(self.texts)
-        else:
-            self._ids = self._mask = torch.zeros(0, self.max_length, dtype=torch.long)
+        self._tokenize()
 
         if isinstance(cache, str):
             cache = ImageCache(cache, self.resolution)
@@ -164,6 +154,19 @@ class CLIPDataset(Dataset):
             raise ValueError(f"the image cache holds {cache.resolution}px images but this dataset loads {self.resolution}px")
         self.cache = cache if cache is not None and cache.mode != "none" else None
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    def _tokenize(self) -> None:
+        """Tokenise every distinct candidate string once: ``texts``, and per item the indices of its candidates."""
+        strings: Dict[str, int] = {}
+        self._cands: List[tuple] = []
+        for p in self.pairs:
+            cands = self.text_transform.candidates(self._item_captions(p), p.label)
+            self._cands.append(tuple(strings.setdefault(s, len(strings)) for s in cands))
+        self.texts: List[str] = list(strings)
+        if strings:
+            self._ids, self._mask = self.text_transform.encode(self.texts)
+        else:
+            self._ids = self._mask = torch.zeros(0, self.max_length, dtype=torch.long)
 
     # ----------------------------------------------------------------------------------------------
     def _item_captions(self, pair: ImageTextPair) -> List[str]:

@@ -27,7 +27,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from clipexp.data.images import ImageDecodeError, decode_image_file
 from clipexp.data.pairs import ImageTextPair, assign_group_ids
@@ -164,6 +164,23 @@ def subsample(cands: List[Candidate], n: int, seed: int) -> List[Candidate]:
     keep_share = n / len(cands)
     assign = stratified_assign([c.label for c in cands], [keep_share, 1 - keep_share], seed, total_first=n)
     return [c for c, a in zip(cands, assign) if a == 0]
+
+
+def finalize_with(cands: List[Candidate], source: Union[str, Path], root: Optional[Union[str, Path]],
+                  opts: Mapping[str, Any]) -> Tuple[List[ImageTextPair], List[Problem]]:
+    """:func:`finalize` with the loaders' common keywords (``on_error``, ``allow_outside_root``,
+    ``check_images``, ``cache``, ``max_samples``, ``seed``: see :mod:`clipexp.data.loaders`)."""
+    return finalize(
+        cands,
+        source,
+        opts.get("on_error", "raise"),
+        root=root,
+        allow_outside_root=bool(opts.get("allow_outside_root", False)),
+        check=bool(opts.get("check_images", True)),
+        cache=opts.get("cache"),
+        max_samples=opts.get("max_samples"),
+        seed=int(opts.get("seed", 0) or 0),
+    )
 
 
 def finalize(
