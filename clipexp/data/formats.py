@@ -8,6 +8,7 @@ reported by file line: the header is line 1 of a CSV, a JSON item is reported by
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -39,6 +40,22 @@ def _require_file(path: Path) -> None:
         raise _fail(path, str(path), "file not found" if not path.exists() else "not a file")
 
 
+def read_text(path: Path) -> str:
+    """A text file decoded as UTF-8 (a byte-order mark is dropped); other bytes are one named error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise _fail(path, f"{path}:{line}", f"not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8 "
+                    f"(e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name})") from None
+
+
+def _looks_like_data(cells: Sequence[str]) -> bool:
+    """A first CSV line that names an image file is a row, not a header."""
+    return any(c.strip().lower().endswith(IMAGE_EXTENSIONS) for c in cells)
+
+
 # --------------------------------------------------------------------------------------------------
 # CSV
 # --------------------------------------------------------------------------------------------------
@@ -57,7 +74,7 @@ def read_csv(
     check_on_error(opts.get("on_error", "raise"))
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     cands: List[Candidate] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader, None)
@@ -68,6 +85,10 @@ def read_csv(
                         f"'{image_column}' and '{caption_column}'")
         header = [h.strip() for h in header]
         missing = [c for c in (image_column, caption_column) if c not in header]
+        if len(missing) == 2 and _looks_like_data(header):
+            columns = ",".join(c for c in (image_column, caption_column, label_column) if c)
+            raise _fail(path, f"{path}:1", f"no header row (line 1 is data: {delimiter.join(header)[:60]!r}); add a first "
+                        f"line naming the columns, e.g. {columns}")
         if missing:
             problems = [Problem(f"{path}:1", f"missing column '{c}' (columns: {', '.join(header)})") for c in missing]
             raise DataValidationError.from_problems(path, problems, hint=False)
@@ -94,6 +115,8 @@ def read_csv(
             if empty:
                 c.problems.append("empty caption")
             cands.append(c)
+    if not cands:
+        raise _fail(path, f"{path}:1", f"no rows after the header; add one line per image ({image_column},{caption_column})")
     return finalize_with(cands, path, path.parent, opts)
 
 
@@ -167,7 +190,7 @@ def read_json(
     path = Path(path)
     _require_file(path)
     check_on_error(opts.get("on_error", "raise"))
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     try:
         items, _ = json_items_with_lines(text)
     except json.JSONDecodeError as err:
@@ -246,7 +269,7 @@ def read_directory(path: PathLike, prompt_templates: Optional[Sequence[str]] = N
 def _captions_file_rows(captions_file: Path, root: Path) -> List[Candidate]:
     cands: List[Candidate] = []
     by_name: Dict[str, Candidate] = {}
-    for line_no, line in enumerate(captions_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line_no, line in enumerate(read_text(captions_file).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{captions_file}:{line_no}"
@@ -278,7 +301,7 @@ def _caption_file_per_image_rows(images: Sequence[Path]) -> List[Candidate]:
         if not txt.is_file():
             cands.append(Candidate(n, str(img), img.name, img, [], None, [f"no caption file '{txt.name}'"]))
             continue
-        caps, _ = clean_captions([line for line in txt.read_text(encoding="utf-8-sig").splitlines() if line.strip()] or [""])
+        caps, _ = clean_captions([line for line in read_text(txt).splitlines() if line.strip()] or [""])
         c = Candidate(n, str(txt), img.name, img, caps, None)
         if not caps:
             c.problems.append("empty caption")

@@ -16,7 +16,7 @@ from clipexp.data.validation import (
     check_on_error,
     clean_captions,
     finalize_with,
-    is_inside,
+    outside_root,
     resolve_image,
 )
 
@@ -94,8 +94,9 @@ def _set_image(c: Candidate, value: Any, image_column: str, out_dir: Path, base:
     if p:
         c.raw_image = str(p)
         c.image_path = resolve_image(str(p), base or Path.cwd())
-        if base is not None and not outside_ok and not is_inside(base, c.image_path):
-            c.problems.append(f"image '{p}' is outside the dataset root {os.path.abspath(base)}")
+        outside = outside_root(base, c.image_path) if base is not None and not outside_ok else None
+        if outside:
+            c.problems.append(f"image '{p}' {outside}")
             c.image_path = None
     else:
         c.problems.append(f"empty {image_column}")

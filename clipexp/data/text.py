@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
@@ -42,9 +45,28 @@ class TextTransform:
         tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
         return tok["input_ids"].long(), tok["attention_mask"].long()
 
+    def too_long(self, texts: Sequence[str]) -> List[int]:
+        """Indices of the ``texts`` with more than ``max_length`` tokens: :meth:`encode` cuts them to it."""
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length + 1)["input_ids"]
+        return [i for i, row in enumerate(ids) if len(row) > self.max_length]
+
     def __call__(self, caption: Union[str, Sequence[str]], label: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         caps = [caption] if isinstance(caption, str) else list(caption)
         cands = self.candidates(caps, label)
         k = int(torch.randint(len(cands), (1,), generator=generator)) if len(cands) > 1 else 0
         ids, mask = self.encode([cands[k]])
         return {"input_ids": ids[0], "attention_mask": mask[0]}
+
+
+def warn_long_captions(text_transform: TextTransform, texts: Sequence[str]) -> int:
+    """Log one warning counting the distinct ``texts`` (captions, filled prompts) longer than the
+    model's context, which :meth:`TextTransform.encode` cuts to it; returns that count."""
+    texts = list(dict.fromkeys(texts))
+    long = text_transform.too_long(texts)
+    if long:
+        log.warning("%d of %d distinct captions are longer than the model's context of %d tokens and are cut to it "
+                    "(e.g. %r); shorten them, or raise model.max_sequence_length if the model allows",
+                    len(long), len(texts), text_transform.max_length, texts[long[0]][:60])
+    return len(long)
