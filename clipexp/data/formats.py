@@ -21,6 +21,7 @@ from clipexp.data.validation import (
     check_on_error,
     clean_captions,
     finalize_with,
+    one_problem,
     resolve_image,
 )
 
@@ -31,13 +32,9 @@ JSON_IMAGE_KEYS = ("image", "image_path", "file_name", "filename", "path")
 JSON_CAPTION_KEYS = ("captions", "caption", "text")
 
 
-def _fail(source: PathLike, where: str, message: str) -> DataValidationError:
-    return DataValidationError.from_problems(source, [Problem(where, message)], hint=False)
-
-
 def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise _fail(path, str(path), "file not found" if not path.exists() else "not a file")
+        raise one_problem(path, str(path), "file not found" if not path.exists() else "not a file")
 
 
 def read_text(path: Path) -> str:
@@ -47,7 +44,7 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise _fail(path, f"{path}:{line}", f"not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8 "
+        raise one_problem(path, f"{path}:{line}", f"not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8 "
                     f"(e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name})") from None
 
 
@@ -79,15 +76,15 @@ def read_csv(
         try:
             header = next(reader, None)
         except csv.Error as err:
-            raise _fail(path, f"{path}:1", f"unreadable CSV header ({err})") from None
+            raise one_problem(path, f"{path}:1", f"unreadable CSV header ({err})") from None
         if not header:
-            raise _fail(path, f"{path}:1", "empty file: expected a header row with columns "
+            raise one_problem(path, f"{path}:1", "empty file: expected a header row with columns "
                         f"'{image_column}' and '{caption_column}'")
         header = [h.strip() for h in header]
         missing = [c for c in (image_column, caption_column) if c not in header]
         if len(missing) == 2 and _looks_like_data(header):
             columns = ",".join(c for c in (image_column, caption_column, label_column) if c)
-            raise _fail(path, f"{path}:1", f"no header row (line 1 is data: {delimiter.join(header)[:60]!r}); add a first "
+            raise one_problem(path, f"{path}:1", f"no header row (line 1 is data: {delimiter.join(header)[:60]!r}); add a first "
                         f"line naming the columns, e.g. {columns}")
         if missing:
             problems = [Problem(f"{path}:1", f"missing column '{c}' (columns: {', '.join(header)})") for c in missing]
@@ -101,7 +98,7 @@ def read_csv(
             except StopIteration:
                 break
             except csv.Error as err:
-                raise _fail(path, f"{path}:{reader.line_num}", f"unreadable CSV ({err})") from None
+                raise one_problem(path, f"{path}:{reader.line_num}", f"unreadable CSV ({err})") from None
             line, prev = prev + 1, reader.line_num
             if not row or all(not c.strip() for c in row):
                 continue
@@ -116,7 +113,7 @@ def read_csv(
                 c.problems.append("empty caption")
             cands.append(c)
     if not cands:
-        raise _fail(path, f"{path}:1", f"no rows after the header; add one line per image ({image_column},{caption_column})")
+        raise one_problem(path, f"{path}:1", f"no rows after the header; add one line per image ({image_column},{caption_column})")
     return finalize_with(cands, path, path.parent, opts)
 
 
@@ -194,9 +191,9 @@ def read_json(
     try:
         items, _ = json_items_with_lines(text)
     except json.JSONDecodeError as err:
-        raise _fail(path, f"{path}:{err.lineno}", f"invalid JSON ({err.msg}, column {err.colno})") from None
+        raise one_problem(path, f"{path}:{err.lineno}", f"invalid JSON ({err.msg}, column {err.colno})") from None
     except ValueError as err:
-        raise _fail(path, str(path), str(err)) from None
+        raise one_problem(path, str(path), str(err)) from None
     image_keys = tuple(dict.fromkeys(([image_column] if image_column else []) + list(JSON_IMAGE_KEYS)))
     caption_keys = tuple(dict.fromkeys(([caption_column] if caption_column else []) + list(JSON_CAPTION_KEYS)))
     cands: List[Candidate] = []
@@ -251,7 +248,7 @@ def read_directory(path: PathLike, prompt_templates: Optional[Sequence[str]] = N
     """
     root = Path(path).absolute()
     if not root.is_dir():
-        raise _fail(root, str(root), "folder not found" if not root.exists() else "not a folder")
+        raise one_problem(root, str(root), "folder not found" if not root.exists() else "not a folder")
     check_on_error(opts.get("on_error", "raise"))
     captions_file = root / "captions.txt"
     if captions_file.is_file():
@@ -261,7 +258,7 @@ def read_directory(path: PathLike, prompt_templates: Optional[Sequence[str]] = N
         return finalize_with(_caption_file_per_image_rows(images), root, root, opts)
     cands = _class_folder_rows(root, prompt_templates)
     if not cands:
-        raise _fail(root, str(root), "no captions.txt, no per-image .txt caption files, and no class sub-folders "
+        raise one_problem(root, str(root), "no captions.txt, no per-image .txt caption files, and no class sub-folders "
                     f"with images ({', '.join(IMAGE_EXTENSIONS)})")
     return finalize_with(cands, root, root, opts)
 

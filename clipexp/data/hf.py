@@ -16,6 +16,7 @@ from clipexp.data.validation import (
     check_on_error,
     clean_captions,
     finalize_with,
+    one_problem,
     outside_root,
     resolve_image,
 )
@@ -24,10 +25,6 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 Result = Tuple[List[ImageTextPair], List[Problem]]
-
-
-def _fail(source: PathLike, where: str, message: str) -> DataValidationError:
-    return DataValidationError.from_problems(source, [Problem(where, message)], hint=False)
 
 
 def _image_ext(data: bytes, fallback: str = ".img") -> str:
@@ -53,15 +50,15 @@ def _open(path_or_name: PathLike, split: str) -> Tuple[Any, Optional[Path]]:
         try:
             return datasets.load_dataset(str(path_or_name), split=split), None
         except Exception as err:  # noqa: BLE001 - datasets raises several types
-            raise _fail(path_or_name, str(path_or_name),
+            raise one_problem(path_or_name, str(path_or_name),
                         f"cannot load this dataset: not a local folder, and the hub failed ({str(err).splitlines()[0]})") from None
     try:
         ds = datasets.load_from_disk(str(local))
     except Exception as err:  # noqa: BLE001
-        raise _fail(local, str(local), f"not a dataset saved with save_to_disk ({str(err).splitlines()[0]})") from None
+        raise one_problem(local, str(local), f"not a dataset saved with save_to_disk ({str(err).splitlines()[0]})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise _fail(local, str(local), f"no split '{split}' (splits: {', '.join(ds)}); set hf_split")
+            raise one_problem(local, str(local), f"no split '{split}' (splits: {', '.join(ds)}); set hf_split")
         ds = ds[split]
     return ds, local
 

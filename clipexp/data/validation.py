@@ -58,6 +58,11 @@ class DataValidationError(ValueError):
         return cls("\n".join([head] + [f"  {p}" for p in problems]), problems, str(source))
 
 
+def one_problem(source: Union[str, Path], where: str, message: str) -> DataValidationError:
+    """A source-level error (unreadable file, missing column, ...): one problem, no skip hint."""
+    return DataValidationError.from_problems(source, [Problem(where, message)], hint=False)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One problem: ``where`` is ``file:line`` (or a file), ``message`` what is wrong."""
