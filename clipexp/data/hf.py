@@ -63,9 +63,10 @@ def _open(path_or_name: PathLike, split: str) -> Tuple[Any, Optional[Path]]:
     return ds, local
 
 
-def _write_once(data: bytes, suffix: Optional[str], out_dir: Path) -> Tuple[Path, bool]:
-    """An embedded image as ``<out_dir>/<sha1>.<ext>`` (atomic write); ``(path, whether it was written now)``."""
-    name = hashlib.sha1(data).hexdigest() + _image_ext(bytes(data[:16]), suffix or ".img")
+def _write_once(data: bytes, fallback_ext: str, out_dir: Path) -> Tuple[Path, bool]:
+    """An embedded image as ``<out_dir>/<sha1><ext>`` (atomic write; ``fallback_ext`` when the bytes do not
+    say the format); ``(path, whether it was written now)``."""
+    name = hashlib.sha1(data).hexdigest() + _image_ext(bytes(data[:16]), fallback_ext)
     target = out_dir / name
     if target.is_file():
         return target, False
@@ -85,7 +86,7 @@ def _set_image(c: Candidate, value: Any, image_column: str, out_dir: Path, base:
     else:
         data, p = None, value
     if data is not None:
-        c.image_path, wrote = _write_once(data, Path(p).suffix.lower() if p else None, out_dir)
+        c.image_path, wrote = _write_once(data, Path(p).suffix.lower() if p else ".img", out_dir)
         c.raw_image = str(c.image_path)
         return wrote
     if p:
