@@ -2,6 +2,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# make test THREADS=1 (or 2): the suite's torch intra-op threads; empty = torch's default
+THREADS ?=
 
 .PHONY: setup quickstart test bench clean
 
@@ -18,7 +20,7 @@ quickstart: setup
 	$(BIN)/python -m clipexp experiment=quickstart
 
 test: setup
-	$(BIN)/python -m pytest -q
+	CLIPEXP_TEST_THREADS=$(THREADS) $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py

@@ -1,4 +1,10 @@
-"""Shared fixtures: composed configs, a tiny model, real images, isolated MLflow stores."""
+"""Shared fixtures: composed configs, a tiny model, real images, isolated MLflow stores.
+
+``CLIPEXP_TEST_THREADS=N`` runs the whole suite with N torch intra-op threads (``make test THREADS=1``):
+every test starts at N, whatever an earlier test's trainer set, and ``one_thread`` gives way to it. Float
+comparisons must hold at any count (see ``numerics.py``); a trainer inside a test still picks its own
+count in ``setup()`` (``cores - workers``), as it does for users.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,41 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+THREADS_ENV = "CLIPEXP_TEST_THREADS"
+
+
+def _requested_threads():
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"{THREADS_ENV}={value!r} is not a number of threads; set it to 1, 2, ... or unset it")
+    return int(value)
+
+
+def pytest_configure(config):
+    import torch
+
+    config.clipexp_threads = _requested_threads()
+    if config.clipexp_threads:
+        torch.set_num_threads(config.clipexp_threads)
+    config.clipexp_start_threads = torch.get_num_threads()
+
+
+def pytest_report_header(config):
+    how = f"{THREADS_ENV}={config.clipexp_threads}" if config.clipexp_threads else f"{THREADS_ENV} unset: torch's default"
+    return f"torch intra-op threads: {config.clipexp_start_threads} ({how})"
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Each test starts at its thread count, whatever an earlier test's trainer set process-wide:
+    ``CLIPEXP_TEST_THREADS`` when set, else 1 in ``one_thread`` modules, else the session's start count."""
+    import torch
+
+    config = request.config
+    torch.set_num_threads(config.clipexp_threads or (1 if "one_thread" in request.fixturenames else config.clipexp_start_threads))
 
 
 @pytest.fixture
@@ -62,10 +103,5 @@ def rgb_images():
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine's oversubscription
-    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module; ``_threads`` applies it). With
+    ``CLIPEXP_TEST_THREADS`` set, that count wins: the module runs at it like the rest of the suite."""

@@ -27,6 +27,8 @@ from typing import Dict, List
 import pytest
 import torch
 
+from numerics import REORDER, scale_of
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 WORLD, LOCAL = 2, 4  # 2 ranks x 4 samples = a global batch of 8
@@ -177,13 +179,13 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
         worst = 0.0
         for rank in range(WORLD):
             g, w = got[rank][case], want[case]
-            assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (case, rank)
+            assert g["loss"] == pytest.approx(w["loss"], rel=REORDER), (case, rank)  # a sum over ranks: close
             assert g["grads"].keys() == w["grads"].keys() and len(w["grads"]) > 10, case
-            # float32 sums in another order: every entry within 1e-5 of the step's largest gradient entry
-            scale = max(float(ref.abs().max()) for ref in w["grads"].values())
+            # float32 sums in another order: every entry within REORDER of the step's largest gradient entry
+            scale = scale_of(*w["grads"].values())
             for name, ref in w["grads"].items():
                 error = float((g["grads"][name] - ref).abs().max()) / scale
-                assert error < 1e-5, (case, rank, name, error)
+                assert error < REORDER, (case, rank, name, error)
                 worst = max(worst, error)
         print(f"{case}: loss {want[case]['loss']:.6f}; largest gradient difference {worst:.1e} of the largest gradient")
     assert "model.logit_scale" in want["model_logit_scale"]["grads"]
@@ -303,7 +305,7 @@ def test_torchrun_smoke_end_to_end(tmp_path):
     got = json.loads((resumed[0] / "metrics.json").read_text())
     assert got["steps"] == want["steps"] == 4
     for section in ("final", "test", "best"):
-        assert got[section] == pytest.approx(want[section], rel=1e-6, abs=1e-7), section
+        assert got[section] == want[section], section  # exact: a resume replays the same steps on the same numbers
     print(f"torchrun smoke: {seconds_a:.1f} s; failing run stopped after {seconds_fail:.1f} s")
 
 

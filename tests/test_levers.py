@@ -17,6 +17,7 @@ import torch
 
 from clipexp.__main__ import compose_and_validate
 from clipexp.train import Trainer
+from numerics import REORDER, assert_all_close, scale_of
 
 BASE = [
     "experiment=smoke", "tracking.enabled=false", "data.num_workers=0", "trainer.eval_at_start=false",
@@ -83,10 +84,10 @@ def _changed(rec, prefixes):
     return {n for n in rec.before if n.startswith(prefixes) and not torch.equal(rec.before[n], rec.after[n])}
 
 
-def _assert_grads_close(got: dict, want: dict, rtol=1e-4, atol=1e-6):
-    assert got.keys() == want.keys()
-    for n in got:
-        torch.testing.assert_close(got[n], want[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+def _assert_same_grads(got: dict, want: dict):
+    """Exact: the same operations on the same numbers (bit-identical on any CPU and thread count)."""
+    assert got.keys() == want.keys() and got
+    assert not [n for n in got if not torch.equal(got[n], want[n])]
 
 
 def test_baseline_step_trains_both_towers(baseline):
@@ -102,9 +103,9 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_gradient(tm
     assert rec.trainer.model.is_gradient_checkpointing
     # every layer of both towers ran twice in the step: forward, then again during backward
     assert rec.mlp_calls == {key: 2 for key in baseline.mlp_calls}
-    # recomputation replays the same operations: the same gradient as without checkpointing
-    _assert_grads_close(rec.grads[0], baseline.grads[0], rtol=1e-5, atol=1e-7)
-    assert rec.loss == pytest.approx(baseline.loss, rel=1e-6)
+    # exact: recomputation replays the same operations, so the gradient is that of the plain run, bit for bit
+    _assert_same_grads(rec.grads[0], baseline.grads[0])
+    assert rec.loss == baseline.loss
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
@@ -112,7 +113,7 @@ def test_gradient_checkpointing_of_one_tower(tmp_path, baseline, tower):
     rec = run_step(tmp_path, f"model.gradient_checkpointing={tower}")
     recomputed = {"image": "vision", "text": "text"}[tower]
     assert rec.mlp_calls == {key: 2 if key[0] == recomputed else 1 for key in baseline.mlp_calls}
-    _assert_grads_close(rec.grads[0], baseline.grads[0], rtol=1e-5, atol=1e-7)
+    _assert_same_grads(rec.grads[0], baseline.grads[0])
 
 
 def test_gradient_checkpointing_rejects_other_values():
@@ -141,9 +142,9 @@ def test_a_locked_tower_is_bit_identical_after_a_step(tmp_path, baseline, lock, 
     changed = _changed(rec, trained)
     assert f"{trained[1]}weight" in changed
     assert len(changed) >= len([n for n in baseline.before if n.startswith(trained)]) // 2
-    # its gradient does not depend on the other tower being frozen
-    same = {n: baseline.grads[0][n] for n in rec.grads[0]}
-    _assert_grads_close(rec.grads[0], same)
+    # its gradient does not depend on the other tower being frozen: exact, the frozen tower's features are
+    # the same numbers with or without autograd
+    _assert_same_grads(rec.grads[0], {n: baseline.grads[0][n] for n in rec.grads[0]})
 
 
 def test_bf16_autocast_on_cpu_runs_matmuls_in_bf16_and_keeps_fp32_weights(tmp_path, baseline):
@@ -169,8 +170,9 @@ def test_channels_last_keeps_the_conv_weight_channels_last_and_the_maths(tmp_pat
     weight = rec.trainer.model.vision_model.embeddings.patch_embedding.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     assert not torch.equal(rec.before["vision_model.embeddings.patch_embedding.weight"], weight.detach())
-    assert rec.loss == pytest.approx(baseline.loss, rel=1e-5)
-    _assert_grads_close(rec.grads[0], baseline.grads[0])
+    # close: the patch embedding's convolution runs another kernel on channels-last memory
+    assert rec.loss == pytest.approx(baseline.loss, rel=REORDER)
+    assert_all_close(rec.grads[0], baseline.grads[0])
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -205,16 +207,18 @@ def test_exact_accumulation_gives_the_logical_batch_gradient(tmp_path, baseline,
     assert calls == [[4, 4]] and exact.micro == [[4, 4]]
     assert exact.trainer.logical_batch == 8
     # same 8 samples as the baseline's single micro-batch of 8: the same loss and gradient
-    assert exact.loss == pytest.approx(baseline.loss, rel=1e-5)
-    # (each micro-batch packs its own captions: other shapes, other float summation order than the batch of 8)
-    _assert_grads_close(exact.grads[0], baseline.grads[0], atol=2e-6)
+    # close: each micro-batch packs its own captions: other shapes, another float summation order than the
+    # batch of 8
+    assert exact.loss == pytest.approx(baseline.loss, rel=REORDER)
+    assert_all_close(exact.grads[0], baseline.grads[0])
 
     # plain accumulation of the same 4 x 2 split is not that gradient (fewer negatives per sample)
     plain = run_step(tmp_path / "plain", *split, "trainer.accumulation=plain")
     assert len(calls) == 1 and plain.micro == [[4, 4]]
     assert plain.loss != pytest.approx(baseline.loss, rel=1e-3)
     name = "text_projection.weight"
-    assert not torch.allclose(plain.grads[0][name], baseline.grads[0][name], rtol=1e-3, atol=1e-6)
+    want = baseline.grads[0][name]
+    assert float((plain.grads[0][name] - want).abs().max()) > 1e-3 * scale_of(want)
 
 
 def _text_rows(trainer, rec):
@@ -230,8 +234,9 @@ def test_pack_captions_encodes_each_distinct_caption_once_with_the_same_gradient
     # the smoke set's captions are class-level: 8 samples, at most 3 distinct captions, the longest 65 tokens of 77
     (rows, length), train_full = packed.text_shapes[0], full.text_shapes[0]  # the training step (evaluation follows)
     assert train_full == (8, 77) and rows <= 3 and length < 77
-    assert packed.loss == pytest.approx(full.loss, rel=1e-6)
-    _assert_grads_close(packed.grads[0], full.grads[0], atol=2e-6)
+    # close: other sequence lengths, another summation order (see tests/test_models.py)
+    assert packed.loss == pytest.approx(full.loss, rel=REORDER)
+    assert_all_close(packed.grads[0], full.grads[0])
     assert packed.trainer.dedup_captions and not full.trainer.dedup_captions
 
 
@@ -257,5 +262,6 @@ def test_compile_runs_a_step_with_the_same_maths(tmp_path, baseline):
     model = rec.trainer.model
     assert model.vision_model._compiled_call_impl is not None and model.text_model._compiled_call_impl is not None
     assert rec.trainer.step == 1
-    assert rec.loss == pytest.approx(baseline.loss, rel=1e-4)
-    _assert_grads_close(rec.grads[0], baseline.grads[0], rtol=1e-3, atol=1e-5)
+    # close, more loosely: Inductor fuses kernels and may reorder and split the reductions
+    assert rec.loss == pytest.approx(baseline.loss, rel=10 * REORDER)
+    assert_all_close(rec.grads[0], baseline.grads[0], rel=10 * REORDER)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clipexp.models import ModelLoadError, build_tokenizer, load_clip
+from numerics import assert_all_close, assert_close, eps_times
 
 
 def test_generated_tokenizer_is_byte_level_clip():
@@ -29,11 +30,12 @@ def test_tiny_model_size_and_encoding(tiny_controller, rgb_images):
     t = tiny_controller.encode_text(["a red square", "a green square", "a blue square"])
     i = tiny_controller.encode_image(rgb_images)
     assert t.shape == i.shape == (3, 64)
-    torch.testing.assert_close(t.norm(dim=-1), torch.ones(3))
-    torch.testing.assert_close(i.norm(dim=-1), torch.ones(3))
+    # close: a norm and a similarity are 64-term float32 sums of unit-scale numbers
+    assert_close(t.norm(dim=-1), torch.ones(3), rel=eps_times(64))
+    assert_close(i.norm(dim=-1), torch.ones(3), rel=eps_times(64))
     sim = tiny_controller.compute_similarity(["a red square", "a blue square"], rgb_images)
     assert sim.shape == (3, 2)
-    torch.testing.assert_close(sim, i @ t[[0, 2]].T)
+    assert_close(sim, i @ t[[0, 2]].T, rel=eps_times(64), scale=1.0)
 
 
 def test_save_pretrained_round_trip_gives_identical_embeddings(tiny_controller, rgb_images, tmp_path):
@@ -48,6 +50,7 @@ def test_save_pretrained_round_trip_gives_identical_embeddings(tiny_controller, 
     assert isinstance(CLIPModel.from_pretrained(tmp_path / "model"), CLIPModel)
     cfg = CLIPFinetuningConfig(model_name=str(tmp_path / "model"), image_resolution=64, max_sequence_length=32, device="cpu")
     loaded = CLIPFinetuningController(cfg).setup()
+    # exact: the same weights through the same operations
     torch.testing.assert_close(loaded.encode_text(texts), before_t, rtol=0, atol=0)
     torch.testing.assert_close(loaded.encode_image(rgb_images), before_i, rtol=0, atol=0)
 
@@ -108,7 +111,10 @@ def test_packed_captions_give_the_same_embeddings_and_gradients(tiny_controller)
     packed_shape, packed, packed_grads = run(True)
     # 3 distinct captions; the longest, "a red square on grey", is 16 byte tokens (no spaces) + BOS + EOS
     assert full_shape == (5, 32) and packed_shape == (3, 18)
-    torch.testing.assert_close(packed, full, rtol=0, atol=2e-6)
-    assert packed_grads.keys() == full_grads.keys()
-    for name in full_grads:
-        torch.testing.assert_close(packed_grads[name], full_grads[name], rtol=1e-4, atol=2e-6, msg=name)
+    # exact: the three copies of "a scratch" are one encoded row, gathered three times
+    assert torch.equal(packed[0], packed[2]) and torch.equal(packed[0], packed[4])
+    # close: 18 positions instead of 32 change the attention's and the matmuls' summation order; the copies'
+    # gradients are summed before the text tower (index_select's backward) instead of after it. The
+    # token-embedding gradients reach ~15, where that order moves an entry by ~5e-6 on an AMD EPYC.
+    assert_close(packed, full)
+    assert_all_close(packed_grads, full_grads)

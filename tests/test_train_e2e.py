@@ -163,7 +163,7 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
     b = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert b["steps"] == a["steps"] == 24
     for section in ("final", "test", "best"):
-        assert b[section] == pytest.approx(a[section], rel=1e-6, abs=1e-7), section
+        assert b[section] == a[section], section  # exact: a resume replays the same steps on the same numbers
     # one MLflow run, continued and finished
     client, run = _only_run(tmp_path)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] in {"8", "12"}

@@ -36,6 +36,8 @@ from torch.utils.data import Dataset, get_worker_info
 from clipexp.data.cache import ImageCache
 from clipexp.data.images import ImageDecodeError, load_resized
 from clipexp.data.pairs import ImageTextPair, caption_group_ids, class_names_of
+from clipexp.data.split import SPLITS, check_split_sizes, split_pairs
+from clipexp.data.text import warn_long_captions
 from clipexp.data.transforms import (DEFAULT_TEMPLATES, ImageTransform, MultiResolutionImageTransform, TextTransform,
                                      processor_mean_std)
 from clipexp.data.validation import DataValidationError, Problem
@@ -145,17 +147,7 @@ class CLIPDataset(Dataset):
         self.labels = torch.tensor([index[p.label] if p.label is not None else -1 for p in self.pairs], dtype=torch.long)
         self.group_ids = torch.tensor([p.group_id for p in self.pairs], dtype=torch.long)
 
-        # tokenise every distinct candidate string once
-        strings: Dict[str, int] = {}
-        self._cands: List[tuple] = []
-        for p in self.pairs:
-            cands = text_transform.candidates(self._item_captions(p), p.label)
-            self._cands.append(tuple(strings.setdefault(s, len(strings)) for s in cands))
-        self.texts: List[str] = list(strings)
-        if strings:
-            self._ids, self._mask = text_transform.encode(self.texts)
-        else:
-            self._ids = self._mask = torch.zeros(0, self.max_length, dtype=torch.long)
+        self._tokenize()
 
         if isinstance(cache, str):
             cache = ImageCache(cache, self.resolution)
@@ -164,6 +156,19 @@ class CLIPDataset(Dataset):
             raise ValueError(f"the image cache holds {cache.resolution}px images but this dataset loads {self.resolution}px")
         self.cache = cache if cache is not None and cache.mode != "none" else None
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    def _tokenize(self) -> None:
+        """Tokenise every distinct candidate string once: ``texts``, and per item the indices of its candidates."""
+        strings: Dict[str, int] = {}
+        self._cands: List[tuple] = []
+        for p in self.pairs:
+            cands = self.text_transform.candidates(self._item_captions(p), p.label)
+            self._cands.append(tuple(strings.setdefault(s, len(strings)) for s in cands))
+        self.texts: List[str] = list(strings)
+        if strings:
+            self._ids, self._mask = self.text_transform.encode(self.texts)
+        else:
+            self._ids = self._mask = torch.zeros(0, self.max_length, dtype=torch.long)
 
     # ----------------------------------------------------------------------------------------------
     def _item_captions(self, pair: ImageTextPair) -> List[str]:
@@ -337,7 +342,6 @@ def build_datasets(
     for the batch to be normalised on its device (``splits.train.image_transform.normalizer``).
     """
     from clipexp.data.loaders import read_source
-    from clipexp.data.split import split_pairs
 
     templates = list(prompt_templates or DEFAULT_TEMPLATES)
     cache = ImageCache(
@@ -347,11 +351,9 @@ def build_datasets(
         memory_mb=_get(data_cfg, "cache_memory_mb", 2048),
     )
     pairs, problems = read_source(data_cfg, templates, seed=seed, cache=cache)
-    train_p, val_p, test_p = split_pairs(
-        pairs, _get(data_cfg, "train_split", 0.8), _get(data_cfg, "val_split", 0.1), _get(data_cfg, "test_split", 0.1), seed
-    )
-    if not train_p:
-        raise ValueError(f"the train split is empty ({len(pairs)} pairs, train_split={_get(data_cfg, 'train_split', 0.8)})")
+    ratios = [_get(data_cfg, f"{name}_split", default) for name, default in zip(SPLITS, (0.8, 0.1, 0.1))]
+    train_p, val_p, test_p = split_pairs(pairs, *ratios, seed)
+    check_split_sizes(pairs, (train_p, val_p, test_p), ratios)
     class_names = class_names_of(pairs)
     mean, std = processor_mean_std(processor)
     common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels)
@@ -364,6 +366,7 @@ def build_datasets(
     train = train_cls(train_p, processor, None, train_tf, train_tt, **kw)
     val = CLIPDataset(val_p, processor, None, eval_tf, eval_tt, **kw) if val_p else None
     test = CLIPDataset(test_p, processor, None, eval_tf, eval_tt, **kw) if test_p else None
+    warn_long_captions(train_tt, [t for ds in (train, val, test) if ds is not None for t in ds.texts])
     splits = DataSplits(train, val, test, class_names, len(pairs), [str(p) for p in problems], cache if cache.mode != "none" else None)
     log.info("data: %s", splits.summary())
     return splits

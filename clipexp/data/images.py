@@ -7,7 +7,9 @@ corrupt files fail here with a short reason, never later with a bare PIL traceba
 
 JPEG and PNG go through ``torchvision.io.decode_image`` (libjpeg-turbo/libpng, ~1.5x faster than PIL here);
 other formats, and anything torchvision refuses, go through PIL, which also turns a refusal into a
-readable reason. EXIF orientation is applied. Note: if some other library sets
+readable reason. EXIF orientation is applied. Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit
+images become 8-bit RGB; an animation gives its first frame. The header is read first: an image over
+PIL's decompression-bomb limit is refused before either decoder allocates it. Note: if some other library sets
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` globally, PIL accepts truncated files; the
 torchvision path does not depend on that switch.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Union
@@ -68,32 +71,58 @@ def read_bytes(path: Union[str, Path]) -> bytearray:
     return buf
 
 
-def _decode_pil(data: bytearray, path: Union[str, Path]) -> Tensor:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _too_large(pixels: int, path: Union[str, Path]) -> ImageDecodeError:
+    from PIL import Image
+
+    return ImageDecodeError(path, f"is too large to decode ({pixels:,} pixels, over PIL's decompression-bomb limit of "
+                                  f"{Image.MAX_IMAGE_PIXELS:,}; set PIL.Image.MAX_IMAGE_PIXELS higher if you trust this file)")
+
+
+def _open(data: bytearray, path: Union[str, Path]):
+    """PIL's lazy open: the header only. An image over PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``) is refused here, before any decoder allocates it, whichever
+    decoder (torchvision or PIL) would decode it."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over the limit: refused below
             im = Image.open(io.BytesIO(data))
-            im.load()
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "is not an image file (cannot identify image format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageDecodeError(path, f"is too large to decode ({str(err).split('.')[0]})") from None
+    except Image.DecompressionBombError as err:  # over twice the limit: PIL refuses to open it
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise _too_large(int(found.group(1)) if found else 0, path) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageDecodeError(path, f"is truncated or corrupt ({str(err) or type(err).__name__})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        raise _too_large(im.width * im.height, path)
+    return im
+
+
+def _decode_pil(im, path: Union[str, Path]) -> Tensor:
+    """Decode an opened PIL image (the first frame of an animation) to uint8 RGB, upright (EXIF)."""
+    from PIL import ImageOps
+
+    try:
+        im.load()
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageDecodeError(path, f"is truncated or corrupt ({str(err) or type(err).__name__})") from None
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # a broken EXIF block is not a broken image
         pass
-    if im.mode != "RGB":
+    if im.mode != "RGB":  # L, LA, P, RGBA (alpha dropped), CMYK, I;16, ...
         im = im.convert("RGB")
     return TF.pil_to_tensor(im).contiguous()
 
 
 def decode_image_file(path: Union[str, Path]) -> Tensor:
-    """Fully decode an image file to a uint8 RGB tensor ``[3, H, W]``; raise :class:`ImageDecodeError`."""
+    """Fully decode an image file to a uint8 RGB tensor ``[3, H, W]``, upright (EXIF orientation applied);
+    raise :class:`ImageDecodeError`."""
     data = read_bytes(path)
+    im = _open(data, path)
     if _sniff(bytes(data[:8])):
         from torchvision.io import ImageReadMode, decode_image
 
@@ -105,7 +134,7 @@ def decode_image_file(path: Union[str, Path]) -> Tensor:
             if img.dtype != torch.uint8:  # 16-bit PNG
                 img = TF.to_dtype(img, torch.uint8, scale=True)
             return img
-    return _decode_pil(data, path)
+    return _decode_pil(im, path)
 
 
 def resize_shorter(image: Tensor, resolution: int) -> Tensor:

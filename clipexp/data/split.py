@@ -21,6 +21,9 @@ import random
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from clipexp.data.pairs import ImageTextPair
+from clipexp.data.validation import DataValidationError
+
+SPLITS = ("train", "val", "test")
 
 
 def apportion(n: int, ratios: Sequence[float]) -> List[int]:
@@ -95,6 +98,15 @@ def stratified_assign(
     return out
 
 
+def images_needed(ratios: Sequence[float]) -> int:
+    """The fewest images for which every split with a ratio above 0 gets at least one (these sizes)."""
+    ratios = _check_ratios(ratios)
+    n = 1
+    while any(r > 0 and c == 0 for r, c in zip(ratios, apportion(n, ratios))):
+        n += 1
+    return n
+
+
 def split_pairs(
     pairs: Sequence[ImageTextPair],
     train_split: float = 0.8,
@@ -117,3 +129,17 @@ def split_pairs(
     for p, b in zip(pairs, bucket_of):
         out[b].append(p)
     return out  # type: ignore[return-value]
+
+
+def check_split_sizes(pairs: Sequence[ImageTextPair], splits: Sequence[Sequence[ImageTextPair]],
+                      ratios: Sequence[float]) -> None:
+    """One line when a split with a ratio above 0 got no pairs (too few images for the ratios)."""
+    empty = [name for name, part, ratio in zip(SPLITS, splits, ratios) if ratio > 0 and not part]
+    if not empty:
+        return
+    n = len({str(p.image_path) for p in pairs})
+    shown = "/".join(f"{r:g}" for r in ratios)
+    raise DataValidationError(
+        f"{n} image{'s' if n != 1 else ''} are too few for train/val/test = {shown}: the {' and '.join(empty)} split "
+        f"got none; every split needs at least 1 image, so these ratios need at least {images_needed(ratios)} images "
+        f"(add images, or set data.{empty[-1]}_split=0 with the other ratios summing to 1)")

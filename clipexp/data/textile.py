@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from clipexp.data.validation import Candidate, DataValidationError, Problem, check_on_error
+from clipexp.data.validation import Candidate, DataValidationError, Problem, check_on_error, finalize_with
 
 #: sub-folder -> class name
 TEXTILE_CLASSES: Dict[str, str] = {"nominal": "nominal", "local": "local defect", "global": "global defect"}
@@ -46,8 +46,6 @@ def read_textile(path: Optional[Union[str, Path]] = None, captions: Optional[Map
 
     ``captions`` maps a class name to its caption (defaults: :data:`TEXTILE_CAPTIONS`).
     """
-    from clipexp.data.loaders import _finish
-
     check_on_error(opts.get("on_error", "raise"))
     root = Path(path).absolute() if path else textile_root()
     caps = {**TEXTILE_CAPTIONS, **(captions or {})}
@@ -59,4 +57,4 @@ def read_textile(path: Optional[Union[str, Path]] = None, captions: Optional[Map
     for sub, label in TEXTILE_CLASSES.items():
         for img in sorted((root / sub).glob("*.jpg")):
             cands.append(Candidate(len(cands), str(img), f"{sub}/{img.name}", img, [caps[label]], label))
-    return _finish(cands, root, root, opts)
+    return finalize_with(cands, root, root, opts)

@@ -15,9 +15,9 @@ The report users see::
 
 *Dataset root*: the folder of the CSV/JSON file, the folder given to ``from_directory``, the saved
 HF dataset's folder (or the folder its images were written to), the textile package's image folder.
-An image path that leaves it (``../x.jpg``, or an absolute path elsewhere) is a problem unless the
-loader is called with ``allow_outside_root=True``. The check is lexical (``..`` and absolute paths),
-so symlinks inside the root that point elsewhere are allowed.
+An image path that leaves it (``../x.jpg``, an absolute path elsewhere, or a symlink inside the root whose
+target lies outside it) is a problem unless the loader is called with ``allow_outside_root=True``. A
+symlink whose target stays inside the root is fine.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from clipexp.data.images import ImageDecodeError, decode_image_file
 from clipexp.data.pairs import ImageTextPair, assign_group_ids
@@ -56,6 +56,11 @@ class DataValidationError(ValueError):
         if hint:
             head += ' (fix these rows, or set on_error="skip" / data.on_error=skip to drop them)'
         return cls("\n".join([head] + [f"  {p}" for p in problems]), problems, str(source))
+
+
+def one_problem(source: Union[str, Path], where: str, message: str) -> DataValidationError:
+    """A source-level error (unreadable file, missing column, ...): one problem, no skip hint."""
+    return DataValidationError.from_problems(source, [Problem(where, message)], hint=False)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,18 @@ def is_inside(root: Union[str, Path], path: Union[str, Path]) -> bool:
         return os.path.commonpath([r, p]) == r
     except ValueError:  # different drives (Windows)
         return False
+
+
+def outside_root(root: Union[str, Path], path: Union[str, Path]) -> Optional[str]:
+    """Why ``path`` lies outside the dataset ``root`` (completing "image 'x' ..."), or None when inside:
+    lexically (``..``, an absolute path elsewhere), or through a symlink (of the file or of a folder on
+    its way) whose target leaves the root."""
+    if not is_inside(root, path):
+        return f"is outside the dataset root {os.path.abspath(root)}"
+    real = os.path.realpath(path)
+    if not is_inside(os.path.realpath(root), real):
+        return f"is a symlink to {real}, outside the dataset root {os.path.abspath(root)}"
+    return None
 
 
 def resolve_image(raw: str, base: Union[str, Path]) -> Path:
@@ -166,6 +183,23 @@ def subsample(cands: List[Candidate], n: int, seed: int) -> List[Candidate]:
     return [c for c, a in zip(cands, assign) if a == 0]
 
 
+def finalize_with(cands: List[Candidate], source: Union[str, Path], root: Optional[Union[str, Path]],
+                  opts: Mapping[str, Any]) -> Tuple[List[ImageTextPair], List[Problem]]:
+    """:func:`finalize` with the loaders' common keywords (``on_error``, ``allow_outside_root``,
+    ``check_images``, ``cache``, ``max_samples``, ``seed``: see :mod:`clipexp.data.loaders`)."""
+    return finalize(
+        cands,
+        source,
+        opts.get("on_error", "raise"),
+        root=root,
+        allow_outside_root=bool(opts.get("allow_outside_root", False)),
+        check=bool(opts.get("check_images", True)),
+        cache=opts.get("cache"),
+        max_samples=opts.get("max_samples"),
+        seed=int(opts.get("seed", 0) or 0),
+    )
+
+
 def finalize(
     cands: List[Candidate],
     source: Union[str, Path],
@@ -200,31 +234,38 @@ def finalize(
             flag(c, message)
         if c.image_path is None:
             continue
-        if root is not None and not allow_outside_root and not is_inside(root, c.image_path):
-            flag(c, f"image '{c.raw_image}' is outside the dataset root {os.path.abspath(root)}")
+        outside = outside_root(root, c.image_path) if root is not None and not allow_outside_root else None
+        if outside:
+            flag(c, f"image '{c.raw_image}' {outside}")
             continue
         to_check.append(c)
+    failures = _image_failures([c.image_path for c in to_check], check, cache)
+    for c in to_check:
+        if c.image_path in failures:
+            flag(c, f"image '{c.raw_image}' {failures[c.image_path]}")
 
+    problems.sort(key=lambda p: p.order)
+    pairs = [ImageTextPair(c.image_path, c.captions, c.label, -1, c.where) for c in cands
+             if not bad.get(id(c)) and c.image_path is not None]
+    _raise_or_log(problems, pairs, len(cands), source, on_error)
+    return assign_group_ids(pairs), problems
+
+
+def _image_failures(paths: List[Path], check: bool, cache: Optional[object]) -> Dict[Path, str]:
+    """``{path: reason}`` of the images that cannot be used: decoded (into the ``cache`` when it is on),
+    or with ``check=False`` only looked up."""
     loader = None
     if cache is not None:
-        cache.prepare([c.image_path for c in to_check])
+        cache.prepare(paths)
         if cache.mode != "none":
             loader = cache.get
     if check:
-        failures = check_images([c.image_path for c in to_check], loader)
-    else:
-        failures = {c.image_path: "not found" for c in to_check if not c.image_path.is_file()}
-    for c in to_check:
-        reason = failures.get(c.image_path)
-        if reason is not None:
-            flag(c, f"image '{c.raw_image}' {reason}")
+        return check_images(paths, loader)
+    return {p: "not found" for p in paths if not p.is_file()}
 
-    problems.sort(key=lambda p: p.order)
-    pairs = [
-        ImageTextPair(c.image_path, c.captions, c.label, -1, c.where)
-        for c in cands
-        if not bad.get(id(c)) and c.image_path is not None
-    ]
+
+def _raise_or_log(problems: List[Problem], pairs: List[ImageTextPair], n_rows: int, source: Union[str, Path],
+                  on_error: str) -> None:
     if problems:
         if on_error == "raise":
             raise DataValidationError.from_problems(source, problems)
@@ -233,8 +274,7 @@ def finalize(
             raise DataValidationError(f"{err}\nno usable rows are left in {source} after skipping these", problems, str(source))
         log.warning(
             "skipped %d of %d rows of %s (on_error=skip):\n%s",
-            len(cands) - len(pairs), len(cands), source, "\n".join(f"  {p}" for p in problems),
+            n_rows - len(pairs), n_rows, source, "\n".join(f"  {p}" for p in problems),
         )
     if not pairs:
         raise DataValidationError(f"no image-text pairs found in {source}", [], str(source))
-    return assign_group_ids(pairs), problems

@@ -109,13 +109,15 @@ def test_rgb_warp_equals_warping_each_channel_alone():
     channel on its own, for a scaled crop, flips and a rotation, and after an INTER_AREA shrink."""
     import numpy as np
 
+    from clipexp.data.augment import warp
+
     g = torch.Generator().manual_seed(0)
     src = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g).permute(1, 2, 0).contiguous().numpy()
     cases = [AugmentParams(3, 5, 31, 37, hflip=True, angle=7.5), AugmentParams(0, 2, 40, 50, vflip=True, angle=-3.0),
              AugmentParams(1, 1, 24, 24, angle=12.0)]
     for p in cases:
-        whole = ImageTransform._geometry(src, p, 20)
-        per_channel = np.stack([ImageTransform._geometry(np.ascontiguousarray(src[..., c : c + 1]), p, 20) for c in range(3)], -1)
+        whole = warp(src, p, 20)
+        per_channel = np.stack([warp(np.ascontiguousarray(src[..., c : c + 1]), p, 20) for c in range(3)], -1)
         assert whole.shape == (20, 20, 3) and whole.dtype == np.uint8
         assert np.array_equal(whole, per_channel.reshape(whole.shape))
 

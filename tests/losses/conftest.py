@@ -1,4 +1,11 @@
-"""Helpers for the loss tests: embeddings with a chosen similarity matrix, and hand arithmetic."""
+"""Helpers for the loss tests: embeddings with a chosen similarity matrix, and hand arithmetic.
+
+Tolerances in these tests: a loss computed in float32 over at most 8 x 8 logits against the same formula
+in float64 by hand (``math``) is compared with ``pytest.approx(rel=1e-6)``, about 8 float32 eps, above
+the eps-times-terms bound of those short reductions and independent of the CPU (no reduction here is
+long enough to be split across threads). ``torch.equal`` marks the same computation reached two ways
+(e.g. a loss with every weight 1 and the plain loss): exact on any machine.
+"""
 
 from __future__ import annotations
 
