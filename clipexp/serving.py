@@ -97,9 +97,10 @@ def log_pyfunc_model(run_id: str, model_dir: Path, *, step: int, register_as: Op
 
 
 def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Sequence[str], loss_fn: Any, model: Any,
-                  step: int, best_value: Optional[float], eval_batch_size: int) -> Optional[str]:
-    """The end of a run: write ``clipexp_inference.json`` into ``model_dir`` (always), then, when tracking
-    with ``tracking.pyfunc_model``, log the pyfunc model (and register it with ``tracking.register_model``).
+                  step: int, best_value: Optional[float], eval_batch_size: int, test_pairs: Optional[Sequence[Any]] = None) -> Optional[str]:
+    """The end of a run: write ``clipexp_inference.json`` into ``model_dir`` and the test split's images and
+    labels as ``test_split.csv`` beside it (always), then, when tracking with ``tracking.pyfunc_model``, log
+    the pyfunc model (and register it with ``tracking.register_model``).
 
     Returns the LoggedModel id (None when not logged). A failure to log is reported in one line and
     leaves the run, its metrics and ``model_dir`` as they are."""
@@ -116,11 +117,18 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
              "domain": cfg.domain.name, "model": cfg.model.name, "loss": cfg.loss.name},
     )
     spec.save(model_dir)
+    if test_pairs:
+        import csv
+
+        with open(Path(model_dir).parent / "test_split.csv", "w", newline="") as f:
+            rows = csv.writer(f)
+            rows.writerow(["image_path", "label"])
+            rows.writerows([str(p.image_path), "" if p.label is None else p.label] for p in test_pairs)
     if not (tracker.enabled and cfg.tracking.get("pyfunc_model", True)):
         return None
     register_as = getattr(cfg.tracking, "register_model", None)
     tags = {"monitor": t.monitor, "best_value": str(best_value)}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     import mlflow
 
     try:
@@ -135,8 +143,8 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
         log.error("could not log the MLflow model of run %s (%s: %s); the weights are in %s",
                   tracker.run_id, type(err).__name__, str(err).splitlines()[0] if str(err) else "", model_dir)
         return None
-    log.info("logged MLflow model runs:/%s/%s (model id %s) in %.1f s", tracker.run_id, MODEL_NAME, info.model_id,
-             time.perf_counter() - started)
+    log.info("logged MLflow model runs:/%s/%s (model id %s) in %.1f s (%.1f s of CPU)", tracker.run_id, MODEL_NAME, info.model_id,
+             time.perf_counter() - started, time.process_time() - cpu)
     return info.model_id
 
 

@@ -867,10 +867,11 @@ class Trainer:
         model_dir = self.output_dir / "model"
         self.model.save_pretrained(model_dir)
         self.processor.save_pretrained(model_dir)
-        from clipexp.serving import publish_model  # clipexp_inference.json, then the pyfunc model (tracking.log_model)
+        from clipexp.serving import publish_model  # clipexp_inference.json, test_split.csv, the pyfunc model (tracking.pyfunc_model)
 
         publish_model(self.tracker, model_dir, self.cfg, class_names=self.data.class_names, loss_fn=self.loss_fn, model=self.model,
-                      step=self.step, best_value=self.best_value, eval_batch_size=self.eval_batch_size)
+                      step=self.step, best_value=self.best_value, eval_batch_size=self.eval_batch_size,
+                      test_pairs=getattr(self.data.test, "pairs", None))
 
         tr = self.tracker
         tr.log_artifact(config_path)
