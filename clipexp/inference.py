@@ -230,7 +230,9 @@ def _column(frame: Any, name: str) -> Optional[List[Any]]:
     """A column's cells, missing values (None/NaN) as None; None when the column is absent."""
     if name not in frame.columns:
         return None
-    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in frame[name].tolist()]
+    import pandas as pd
+
+    return [None if v is None or (isinstance(v, (float, type(pd.NA))) and pd.isna(v)) else v for v in frame[name].tolist()]
 
 
 def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot"):
