@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -88,9 +88,11 @@ def write_plots(plot_dir: Path, result: Optional[Dict[str, Any]], dataset, split
     plots.training_curves(history, plot_dir / "training_curves.png")
 
 
-def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, processor, tracker, hydra_dir: Optional[Path]) -> None:
+def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, processor, tracker, hydra_dir: Optional[Path],
+                  publish: Optional[Callable[[Path], None]] = None) -> None:
     """``metrics.json`` (``summary``), ``config.yaml`` (resolved), ``model/`` (save_pretrained), and the
-    artifacts: those, ``.hydra/`` and ``plots/`` (written before)."""
+    artifacts: those, ``.hydra/`` and ``plots/`` (written before). ``publish(model_dir)`` runs once
+    ``model/`` is saved and before it is logged (the serving spec and the pyfunc model)."""
     metrics_path = output_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))
     config_path = output_dir / "config.yaml"
@@ -98,6 +100,8 @@ def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, pr
     model_dir = output_dir / "model"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
+    if publish is not None:
+        publish(model_dir)
 
     tracker.log_artifact(config_path)
     tracker.log_artifact(metrics_path)

@@ -187,6 +187,8 @@ class TrackingConfig:
     experiment: str = "clipexp"
     run_name: Optional[str] = None  # null = made from the command-line overrides
     log_model: bool = True
+    pyfunc_model: bool = True  # the MLflow pyfunc model runs:/<id>/clip (clipexp.serving); ~5 s of CPU per run
+    register_model: Optional[str] = None  # a Model Registry name: register the run's "clip" model under it
     system_metrics: bool = False
 
 

@@ -34,6 +34,7 @@ from clipexp.losses import build_loss, gather_with_grad
 from clipexp.models import DualEncoder, build_training_model, enable_checkpointing, quiet_transformers  # noqa: F401
 from clipexp.oom import OOMRecovery, is_oom, split_batch
 from clipexp.optim import build_optimizer, build_temperature_schedule, lr_at, param_groups, set_lr, trainable_parameters  # noqa: F401
+from clipexp.serving import publish_model
 from clipexp.outputs import derived_params, run_tags, start_tracking, summary_table, write_outputs, write_plots  # noqa: F401
 from clipexp.train_data import (DeviceBatches, EpochSampler, build_data, build_train_loader, default_train_threads,  # noqa: F401
                                 default_train_workers, stop_workers, text_has_dropout)
@@ -378,7 +379,13 @@ class Trainer:
                     self.history)
         summary = {**self.results, "monitor": self.cfg.trainer.monitor, "best_value": self.best_value,
                    "best_step": self.best_step, "steps": self.step}
-        write_outputs(self.output_dir, self.cfg, summary, self.model, self.processor, self.tracker, self.hydra_dir)
+
+        def publish(model_dir: Path) -> None:  # clipexp_inference.json, test_split.csv, the pyfunc model (clipexp.serving)
+            publish_model(self.tracker, model_dir, self.cfg, class_names=self.data.class_names, loss_fn=self.loss_fn, model=self.model,
+                          step=self.step, best_value=self.best_value, eval_batch_size=self.eval_batch_size,
+                          test_pairs=getattr(self.data.test, "pairs", None))
+
+        write_outputs(self.output_dir, self.cfg, summary, self.model, self.processor, self.tracker, self.hydra_dir, publish=publish)
 
     def _log(self, metrics: Dict[str, float]) -> None:
         for k, v in metrics.items():

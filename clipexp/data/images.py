@@ -121,7 +121,15 @@ def _decode_pil(im, path: Union[str, Path]) -> Tensor:
 def decode_image_file(path: Union[str, Path]) -> Tensor:
     """Fully decode an image file to a uint8 RGB tensor ``[3, H, W]``, upright (EXIF orientation applied);
     raise :class:`ImageDecodeError`."""
-    data = read_bytes(path)
+    return decode_image_bytes(read_bytes(path), path)
+
+
+def decode_image_bytes(data: Union[bytes, bytearray], name: Union[str, Path] = "<bytes>") -> Tensor:
+    """:func:`decode_image_file` for an encoded image already in memory (``name`` words the errors)."""
+    path = name
+    if not data:
+        raise ImageDecodeError(path, "is empty (0 bytes)")
+    data = data if isinstance(data, bytearray) else bytearray(data)
     im = _open(data, path)
     if _sniff(bytes(data[:8])):
         from torchvision.io import ImageReadMode, decode_image
