@@ -49,8 +49,8 @@ def run(tmp_path_factory):
         trainer.setup()
         results = trainer.train()
         test = trainer.data.test
-        e = trainer.embed(test)  # the trainer's own encoder outputs, with the weights it saved
-        class_embeds = class_text_embeddings(trainer.encode_prompts, list(trainer.data.class_names), list(cfg.domain.prompt_templates))
+        e = trainer.evaluator.embed(test)  # the trainer's own encoder outputs, with the weights it saved
+        class_embeds = class_text_embeddings(trainer.evaluator.encode_prompts, list(trainer.data.class_names), list(cfg.domain.prompt_templates))
         preds = (e["image"] @ class_embeds.T).argmax(dim=1)
     finally:
         trainer.cleanup("FINISHED")
