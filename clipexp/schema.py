@@ -190,6 +190,8 @@ class TrackingConfig:
     pyfunc_model: bool = True  # the MLflow pyfunc model runs:/<id>/clip (clipexp.serving); ~5 s of CPU per run
     register_model: Optional[str] = None  # a Model Registry name: register the run's "clip" model under it
     system_metrics: bool = False
+    retry_s: float = 30.0  # store unreachable mid-run: writes are held and retried this often
+    end_timeout_s: float = 60.0  # at the end, wait this long for held writes before spooling them to the run folder
 
 
 @dataclass

@@ -59,7 +59,8 @@ class MLflowSweepCallback(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+        tc = config.tracking
+        self.tracker = Tracker(tc.uri, tc.experiment, sweep_dir, tc.retry_s, tc.end_timeout_s)  # held writes spool to the sweep dir
         keys = swept_keys(config)
         sweep_id = "/".join(sweep_dir.parts[-2:])
         self.tracker.start(
