@@ -36,10 +36,10 @@ def _popen(args, cwd, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc, timeout=300):
+def _wait_for(path: Path, proc, timeout=300, log_path: Path = None):
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, (log_path.read_text() if log_path else proc.communicate()[1])[-3000:]
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.02)
 
@@ -121,7 +121,7 @@ def test_sqlite_store_locked_mid_run_costs_one_warning_and_no_metric(tmp_path):
     db = tmp_path / "mlflow.db"
     proc, log_path = _start_logged([*SMOKE, *LONG, f"tracking.uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     try:
-        _wait_for(tmp_path / "run" / "checkpoints" / "step_0000004.pt", proc)
+        _wait_for(tmp_path / "run" / "checkpoints" / "step_0000004.pt", proc, log_path=log_path)
         locker = sqlite3.connect(db, timeout=60, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")     # no reader or writer gets in until the COMMIT below
         try:
@@ -193,7 +193,7 @@ def test_mlflow_server_that_stops_mid_run_spools_the_rest_and_replays_it(tmp_pat
     proc, log_path = _start_logged([*SMOKE, *LONG, f"tracking.uri={uri}", f"hydra.run.dir={run}", "tracking.end_timeout_s=3"],
                                    tmp_path, env)
     try:
-        _wait_for(run / "checkpoints" / "step_0000004.pt", proc)
+        _wait_for(run / "checkpoints" / "step_0000004.pt", proc, log_path=log_path)
         _stop_server(server)
         assert proc.wait(timeout=300) == 0, log_path.read_text()[-4000:]
     finally:
@@ -208,7 +208,7 @@ def test_mlflow_server_that_stops_mid_run_spools_the_rest_and_replays_it(tmp_pat
 
     server = _start_server(backend, port, tmp_path)
     try:
-        res = subprocess.run([sys.executable, "-m", "clipexp.tracking", "replay", str(run)], cwd=tmp_path, env=_env(env),
+        res = subprocess.run([sys.executable, "-m", "clipexp.tracking", "replay", str(run)], cwd=tmp_path, env=_env(),
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         client, runs = _runs(uri)
