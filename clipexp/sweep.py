@@ -51,6 +51,11 @@ class MLflowSweepCallback(Callback):
         self.parent_run_id: Optional[str] = None
         self.tracker = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """A process launcher (joblib) sends this callback to its job processes: without the tracker (its
+        sender thread stays in the main process, which writes the summary at the end)."""
+        return {**self.__dict__, "tracker": None}
+
     # Hydra calls these by name (hydra.experimental.callback.Callback protocol)
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not OmegaConf.select(config, "tracking.enabled", default=False):

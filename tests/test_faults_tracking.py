@@ -158,7 +158,7 @@ def _start_server(backend: str, port: int, cwd: Path):
 
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
