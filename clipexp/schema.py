@@ -176,6 +176,7 @@ class TrainerConfig:
     keep_last: int = 2
     early_stopping_patience: Optional[int] = None
     resume: Optional[str] = None  # latest | <checkpoint path>
+    resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (README "What survives what")
     progress: bool = True
     dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
 
