@@ -166,7 +166,9 @@ def _start_server(backend: str, port: int, cwd: Path):
                     return server
         except OSError:
             pass
-        assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+        if server.poll() is not None or time.time() > deadline:
+            _kill(server)
+            pytest.fail("mlflow server did not start")
         time.sleep(0.5)
 
 
