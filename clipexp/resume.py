@@ -51,8 +51,8 @@ def pick_checkpoint(resume: str, output_dir: Path, map_location=None) -> Tuple[P
                           f"truncated or corrupt; start without trainer.resume, or point it at a good copy")
 
 
-def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Tuple[Path, Dict[str, Any], List[str]]:
-    """What ``trainer.resume=latest|<path>`` resumes from: (path, state, config keys allowed to differ).
+def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Tuple[Path, Dict[str, Any], List[Tuple[str, Any, Any]]]:
+    """What ``trainer.resume=latest|<path>`` resumes from: (path, state, the allowed (key, old, new) changes).
 
     Rank 0 picks the file (skipping damaged ones, see :func:`pick_checkpoint`) and sends its path
     to the others, which must be able to read the same file (outputs on a filesystem every node
@@ -60,8 +60,17 @@ def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Tuple[P
     allows the difference with ``trainer.resume_allow_changes``.
     """
     resume = cfg.trainer.resume
-    path, state = pick_checkpoint(resume, output_dir, map_location) if dist.is_main else (None, None)
-    path = dist.broadcast(path)
+    path, state, refusal = None, None, None
+    if dist.is_main:
+        try:
+            path, state = pick_checkpoint(resume, output_dir, map_location)
+        except ConfigError as err:
+            refusal = err
+    path, message = dist.broadcast((path, None if refusal is None else str(refusal)))  # every rank stops alike
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise CheckpointError(message)
     if state is None:
         if not Path(path).is_file():
             raise ConfigError("trainer.resume", resume, f"a checkpoint every rank can read; rank 0 found {path} but rank "
@@ -105,8 +114,8 @@ def _allowed(key: str, allow: Any) -> bool:
     return any(key == a or key.startswith(f"{a}.") for a in names)
 
 
-def check_config(saved: Dict[str, Any], current: Dict[str, Any], allow: Any, path: Path) -> List[str]:
-    """The changed keys ``allow`` covers (logged); raises :class:`CheckpointError` listing the others."""
+def check_config(saved: Dict[str, Any], current: Dict[str, Any], allow: Any, path: Path) -> List[Tuple[str, Any, Any]]:
+    """The changes ``allow`` covers (logged); raises :class:`CheckpointError` listing the others."""
     changes = config_changes(saved, current)
     refused = [c for c in changes if not _allowed(c[0], allow)]
     if refused:
@@ -117,7 +126,7 @@ def check_config(saved: Dict[str, Any], current: Dict[str, Any], allow: Any, pat
                               f"(or =true for any)")
     if changes:
         log.warning("resume: continuing %s with a changed config: %s", path, describe_changes(changes))
-    return [k for k, _, _ in changes]
+    return changes
 
 
 def describe_changes(changes: Sequence[Tuple[str, Any, Any]]) -> str:
