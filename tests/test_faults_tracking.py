@@ -36,7 +36,7 @@ def _popen(args, cwd, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc, timeout=300, log_path: Path = None):
+def _wait_for(path: Path, proc, timeout=900, log_path: Path = None):
     deadline = time.time() + timeout
     while not path.exists():
         assert proc.poll() is None, (log_path.read_text() if log_path else proc.communicate()[1])[-3000:]
