@@ -57,10 +57,11 @@ def start_tracking(cfg: Any, *, enabled: bool, overrides: List[str], output_dir:
     MLflow run is continued (tagged with where it resumed); otherwise a new run with ``tags``, the
     flattened resolved config and the ``derived`` values (``derived.<name>``) as params."""
     tc = cfg.tracking
-    tracker = make_tracker(enabled, tc.uri, tc.experiment)
+    tracker = make_tracker(enabled, tc.uri, tc.experiment, output_dir, tc.retry_s, tc.end_timeout_s)
     if resume is not None and resume.get("run_id") and tracker.enabled:
         tracker.start(run_id=resume["run_id"], system_metrics=tc.system_metrics)
-        tracker.set_tags({"resumed_from": str(resume["from"]), "resumed_at_step": resume["step"]})
+        tracker.set_tags({"resumed_from": str(resume["from"]), "resumed_at_step": resume["step"],
+                          **({"resume_changes": resume["changes"]} if resume.get("changes") else {})})
         return tracker
     tracker.start(run_name=tc.run_name or overrides_run_name(overrides), tags=tags, parent_run_id=parent_run_id(output_dir),
                   system_metrics=tc.system_metrics)

@@ -176,6 +176,7 @@ class TrainerConfig:
     keep_last: int = 2
     early_stopping_patience: Optional[int] = None
     resume: Optional[str] = None  # latest | <checkpoint path>
+    resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (README "What survives what")
     progress: bool = True
     dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
 
@@ -190,6 +191,8 @@ class TrackingConfig:
     pyfunc_model: bool = True  # the MLflow pyfunc model runs:/<id>/clip (clipexp.serving); ~5 s of CPU per run
     register_model: Optional[str] = None  # a Model Registry name: register the run's "clip" model under it
     system_metrics: bool = False
+    retry_s: float = 30.0  # store unreachable mid-run: writes are held and retried this often
+    end_timeout_s: float = 60.0  # at the end, wait this long for held writes before spooling them to the run folder
 
 
 @dataclass

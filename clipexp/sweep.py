@@ -51,6 +51,11 @@ class MLflowSweepCallback(Callback):
         self.parent_run_id: Optional[str] = None
         self.tracker = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """A process launcher (joblib) sends this callback to its job processes: without the tracker (its
+        sender thread stays in the main process, which writes the summary at the end)."""
+        return {**self.__dict__, "tracker": None}
+
     # Hydra calls these by name (hydra.experimental.callback.Callback protocol)
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not OmegaConf.select(config, "tracking.enabled", default=False):
@@ -59,7 +64,8 @@ class MLflowSweepCallback(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+        tc = config.tracking
+        self.tracker = Tracker(tc.uri, tc.experiment, sweep_dir, tc.retry_s, tc.end_timeout_s)  # held writes spool to the sweep dir
         keys = swept_keys(config)
         sweep_id = "/".join(sweep_dir.parts[-2:])
         self.tracker.start(

@@ -21,6 +21,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from clipexp import distributed
+from clipexp.checkpoint import CheckpointWriteError
 from clipexp.config import ConfigError
 from clipexp.device import DeviceError
 from clipexp.memory import BatchTooLargeError
@@ -54,7 +55,8 @@ def run(cfg: DictConfig) -> Optional[float]:
     tags = {"job_num": hc.job.num, "sweep_dir": str(Path(hc.sweep.dir).resolve())} if multirun else {}
     trainer = Trainer(cfg, output_dir, list(hc.overrides.task), hydra_dir, tags=tags)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    user_errors = (ConfigError, DeviceError, ModelLoadError, DataValidationError, NonFiniteLossError, BatchTooLargeError)
+    user_errors = (ConfigError, DeviceError, ModelLoadError, DataValidationError, NonFiniteLossError, BatchTooLargeError,
+                   CheckpointWriteError)
     try:
         trainer.setup()
         results = trainer.train()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 from clipexp.config import PROJECT_ROOT
+from clipexp.outbox import Outbox, read_spool
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,22 @@ class NullTracker:
 
 class Tracker(NullTracker):
     """One MLflow run. Uses ``MlflowClient`` with an explicit run id, so nothing depends on MLflow's
-    global active-run state (safe for resume, sweeps and parallel jobs)."""
+    global active-run state (safe for resume, sweeps and parallel jobs).
+
+    Creating or continuing the run talks to the store at once (a wrong URI fails there, before any
+    training). Every write after that (params, tags, metrics, artifacts, the final status) goes through
+    an :class:`~clipexp.outbox.Outbox`: a background thread delivers it, so training never waits on
+    the store, and a store that is locked or stops mid-run costs one warning, not the run: the writes
+    are held and retried every ``retry_s`` seconds, and ``end`` waits up to ``end_timeout_s`` for them.
+    What is still undelivered then goes to ``<run_dir>/mlflow_pending.jsonl`` (``replay_pending``
+    sends it later).
+    """
 
     enabled = True
+    PENDING_FILE = "mlflow_pending.jsonl"
 
-    def __init__(self, uri: Optional[str] = None, experiment: str = "clipexp"):
+    def __init__(self, uri: Optional[str] = None, experiment: str = "clipexp", run_dir: Optional[Path] = None,
+                 retry_s: float = 30.0, end_timeout_s: float = 60.0):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -133,19 +145,29 @@ class Tracker(NullTracker):
             self.experiment_id = ensure_experiment(self.client, experiment)
         self.run_id: Optional[str] = None
         self._system_metrics = None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.retry_s, self.end_timeout_s = retry_s, end_timeout_s
+        self.outbox: Optional[Outbox] = None
 
     def start(self, run_name: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None,
               run_id: Optional[str] = None, parent_run_id: Optional[str] = None, system_metrics: bool = False) -> "Tracker":
         """Start a new run, or continue ``run_id`` (resume)."""
         if run_id is not None:
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            _retrying(self.client.update_run, run_id, status="RUNNING")
         else:
             all_tags = {k: str(v) for k, v in (tags or {}).items()}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+            run = _retrying(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = run.info.run_id
+        spool = None
+        if self.run_dir is not None:  # what replay_pending needs to find this run again
+            spool = self.run_dir / self.PENDING_FILE
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / RUN_FILE).write_text(json.dumps({"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id}))
+        self.outbox = Outbox(self._deliver, store_error_is_retryable, self.uri, retry_s=self.retry_s, spool=spool,
+                             quiet_loggers=QUIET_WHEN_OFFLINE)
         if system_metrics:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -157,51 +179,122 @@ class Tracker(NullTracker):
         return self
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        items = {k: str(v)[:6000] for k, v in params.items()}
+        keys = list(items)
+        for i in range(0, len(keys), 100):
+            self.outbox.put("params", {k: items[k] for k in keys[i:i + 100]})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self.outbox.put("tags", {k: str(v)[:5000] for k, v in tags.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import time
 
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        if values:
+            self.outbox.put("metrics", {"values": values, "step": int(step), "timestamp": int(time.time() * 1000)})
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.outbox.put("artifact", {"path": str(path), "artifact_path": artifact_path})
 
     def log_artifacts(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        self.outbox.put("artifacts", {"path": str(path), "artifact_path": artifact_path})
 
     def log_dict(self, data: Any, name: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)
+        self.outbox.put("text", {"text": json.dumps(data, indent=2, default=str), "name": name})
+
+    def _deliver(self, kind: str, payloads: list) -> None:
+        """One store call for ``payloads`` (several only for metrics, merged into one batch)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        c, run = self.client, self.run_id
+        if kind == "metrics":
+            c.log_batch(run, metrics=[Metric(k, v, p["timestamp"], p["step"]) for p in payloads for k, v in p["values"].items()])
+        elif kind in ("params", "tags"):
+            entity = Param if kind == "params" else RunTag
+            c.log_batch(run, **{kind: [entity(k, v) for p in payloads for k, v in p.items()]})
+        elif kind in ("artifact", "artifacts"):
+            for p in payloads:
+                (c.log_artifact if kind == "artifact" else c.log_artifacts)(run, p["path"], p["artifact_path"])
+        elif kind == "text":
+            for p in payloads:
+                c.log_text(run, p["text"], p["name"])
+        elif kind == "end":
+            c.set_terminated(run, status=payloads[-1]["status"])
+        else:
+            raise ValueError(f"unknown tracking write {kind!r}")
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id is None:
+        """Deliver everything, then the run's final status; never raises for the store's sake."""
+        if self.run_id is None or self.outbox is None:
             return
         if self._system_metrics is not None:
             with contextlib.suppress(Exception):
                 self._system_metrics.finish()
-        self.client.set_terminated(self.run_id, status=status)
+        self.outbox.put("end", {"status": status})
+        outbox, self.outbox = self.outbox, None
+        left = outbox.close(self.end_timeout_s)
+        if left:
+            n_metrics = sum(len(p.get("values", ())) for k, p in left if k == "metrics")
+            where = f"in {outbox.spool}" if outbox.spool else "lost (no run folder)"
+            log.warning("tracking: the store %s is still unreachable after waiting %g s; %d writes (%d metric values and "
+                        "the final status %s) are %s; the run folder's metrics.json is complete. Send them later with "
+                        "`python -m clipexp.tracking replay %s`", self.uri, self.end_timeout_s, len(left), n_metrics,
+                        status, where, outbox.spool.parent if outbox.spool else "<run dir>")
 
     @property
     def run_url(self) -> str:
         return f"{self.uri}  experiment={self.experiment_id} run={self.run_id}"
 
 
-def make_tracker(enabled: bool, uri: Optional[str], experiment: str):
-    return Tracker(uri, experiment) if enabled else NullTracker()
+RUN_FILE = "mlflow_run.json"  # in the run folder: the store, experiment and run id of its MLflow run
+# the libraries' own log lines for a failing store call, dropped while the outbox's one warning stands for them
+QUIET_WHEN_OFFLINE = ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "urllib3.connectionpool")
+
+
+def store_error_is_retryable(err: BaseException) -> bool:
+    """A store that is down, locked or overloaded: retry. A request it refuses (4xx: a bad value, a
+    deleted run): do not."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return not (400 <= status < 500) or status == 429
+    return not isinstance(err, (ValueError, TypeError, KeyError))
+
+
+def _retrying(call, *args, attempts: int = 4, wait_s: float = 2.0, **kwargs):
+    """A call that must land before training (creating or reopening the run), retried a few times when
+    the store is busy (several parallel jobs' SQLite writes can collide) before the error is raised."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised below unless the store may answer next time
+            if attempt == attempts - 1 or not store_error_is_retryable(err):
+                raise
+            time.sleep(wait_s * 2 ** attempt)
+
+
+def make_tracker(enabled: bool, uri: Optional[str], experiment: str, run_dir: Optional[Path] = None,
+                 retry_s: float = 30.0, end_timeout_s: float = 60.0):
+    return Tracker(uri, experiment, run_dir, retry_s, end_timeout_s) if enabled else NullTracker()
+
+
+def replay_pending(run_dir: Path, uri: Optional[str] = None) -> int:
+    """Send the writes a run could not deliver (``<run_dir>/mlflow_pending.jsonl``) to its store now;
+    returns how many. The run id and the store come from the run folder's files unless ``uri`` is given."""
+    run_dir = Path(run_dir)
+    spool = run_dir / Tracker.PENDING_FILE
+    meta = json.loads((run_dir / RUN_FILE).read_text())
+    tracker = Tracker(uri or meta["uri"], meta["experiment"])
+    tracker.run_id = meta["run_id"]
+    writes = read_spool(spool)
+    for kind, payload in writes:  # one call each, in order: the store is there now
+        tracker._deliver(kind, [payload])
+    spool.rename(spool.with_name(spool.name + ".sent"))
+    return len(writes)
 
 
 def overrides_run_name(overrides: list[str]) -> str:
@@ -209,3 +302,12 @@ def overrides_run_name(overrides: list[str]) -> str:
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "tracking", "trainer.resume"))]
     return ",".join(keep)[:250] or "default"
 
+
+
+if __name__ == "__main__":  # python -m clipexp.tracking replay <run dir> [uri]
+    import sys
+
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "replay":
+        sys.exit("usage: python -m clipexp.tracking replay <run dir> [tracking uri]")
+    sent = replay_pending(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else None)
+    print(f"sent {sent} held writes to the run's MLflow store")

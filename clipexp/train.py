@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +34,7 @@ from clipexp.losses import build_loss, gather_with_grad
 from clipexp.models import DualEncoder, build_training_model, enable_checkpointing, quiet_transformers  # noqa: F401
 from clipexp.oom import OOMRecovery, is_oom, split_batch
 from clipexp.optim import build_optimizer, build_temperature_schedule, lr_at, param_groups, set_lr, trainable_parameters  # noqa: F401
+from clipexp.resume import describe_changes, resume_checkpoint
 from clipexp.serving import publish_model
 from clipexp.outputs import derived_params, run_tags, start_tracking, summary_table, write_outputs, write_plots  # noqa: F401
 from clipexp.train_data import (DeviceBatches, EpochSampler, build_data, build_train_loader, default_train_threads,  # noqa: F401
@@ -97,7 +98,7 @@ class Trainer:
             class_names=self.data.class_names, templates=cfg.domain.prompt_templates)
 
         # resume before tracking: the checkpoint names the MLflow run to continue
-        resumed = self.load_checkpoint(checkpoint.resolve_resume(t.resume, self.output_dir, self.dist)) if t.resume else None
+        resumed = self.load_checkpoint(*resume_checkpoint(cfg, self.output_dir, self.dist, self.device)) if t.resume else None
         # the module the step runs: the two towers, under DDP with several processes, except for exact
         # accumulation of several micro-batches (GradCache runs the towers itself and averages once, in _accumulate)
         exact = t.accumulation == "exact" and t.gradient_accumulation_steps > 1
@@ -106,7 +107,8 @@ class Trainer:
         self.tracker = start_tracking(
             cfg, enabled=cfg.tracking.enabled and self.dist.is_main, overrides=self.overrides, output_dir=self.output_dir,
             tags=run_tags(cfg, self.overrides, self.output_dir, self.dev, self.extra_tags), derived=derived,
-            resume=None if resumed is None else {"run_id": resumed.get("run_id"), "from": self.resumed_from, "step": self.step})
+            resume=None if resumed is None else {"run_id": resumed.get("run_id"), "from": self.resumed_from, "step": self.step,
+                                                 "changes": self.resume_changes})
         log.info("train %d / val %d / test %d pairs; %d steps (%d per epoch) of %d samples (%s accumulation); outputs in %s",
                  derived["num_train_pairs"], derived["num_val_pairs"], derived["num_test_pairs"], self.total_steps,
                  self.steps_per_epoch, self.global_batch, t.accumulation, self.output_dir)
@@ -345,9 +347,11 @@ class Trainer:
             self.last_checkpoint = path
         return path
 
-    def load_checkpoint(self, path: Path) -> Dict[str, Any]:
-        state = checkpoint.load_checkpoint(path, map_location=self.device)
-        checkpoint.restore_trainer(self, state)
+    def load_checkpoint(self, path: Path, state: Optional[Dict[str, Any]] = None, changes: Sequence[tuple] = ()) -> Dict[str, Any]:
+        """Restore ``path`` (``state``: already read; ``changes``: the (key, old, new) the user allowed)."""
+        state = checkpoint.load_checkpoint(path, map_location=self.device) if state is None else state
+        checkpoint.restore_trainer(self, state, [key for key, _, _ in changes])
+        self.resume_changes = describe_changes(changes)
         if self.dist.is_main:
             checkpoint.adopt_best(path, self.ckpt_dir)
         self.resumed_from = path

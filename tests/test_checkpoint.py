@@ -1,4 +1,5 @@
-"""clipexp.checkpoint on real files: atomic writes, keep-last, best, what ``resume`` finds, RNG states."""
+"""clipexp.checkpoint on real files: atomic writes, keep-last, best, what ``resume`` finds, RNG states.
+(Damaged, unsafe and old-format files, full disks and changed configs: tests/test_faults_checkpoints.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from clipexp import checkpoint
 from clipexp.config import ConfigError
-from clipexp.distributed import DistContext
+from clipexp.resume import pick_checkpoint
 
 
 def _draws():
@@ -58,15 +59,15 @@ def test_latest_is_this_runs_newest_step_else_the_newest_sibling_run(tmp_path):
     assert checkpoint.find_latest_checkpoint(this) == newer / "checkpoints" / "step_0000002.pt"
     checkpoint.save_checkpoint(checkpoint.step_path(this / "checkpoints", 1), {"step": 1})
     assert checkpoint.find_latest_checkpoint(this) == this / "checkpoints" / "step_0000001.pt"
-    assert checkpoint.resolve_resume("latest", this, DistContext()) == this / "checkpoints" / "step_0000001.pt"
+    assert pick_checkpoint("latest", this)[0] == this / "checkpoints" / "step_0000001.pt"
 
 
 def test_resume_with_nothing_to_resume_names_the_key(tmp_path):
     run = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
     with pytest.raises(ConfigError, match=r"^trainer.resume='latest' is invalid: latest \(with a checkpoint under outputs/\)"):
-        checkpoint.resolve_resume("latest", run, DistContext())
+        pick_checkpoint("latest", run)
     with pytest.raises(ConfigError, match=r"trainer.resume='/nope.pt' is invalid"):
-        checkpoint.resolve_resume("/nope.pt", run, DistContext())
+        pick_checkpoint("/nope.pt", run)
 
 
 def test_resuming_another_runs_checkpoint_adopts_its_best(tmp_path):
@@ -91,7 +92,7 @@ def test_a_trainers_checkpoint_is_plain_types_and_tensors_and_resumes_its_positi
     assert ckpts == ["best.pt", "step_0000002.pt"]  # keep_last=1 pruned step 1
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
     assert set(state) == {"model", "loss_fn", "optimizer", "scaler", "temp_schedule", "loss_temperature", "oom", *checkpoint.POSITION,
-                          "rng", "run_id", "config"}
+                          "rng", "run_id", "config", "format"}
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["best_step"]) == (2, 0, 2, 2)
     assert [s for s, _ in state["history"]["train/loss"]] == [1, 2] and state["config"]["trainer"]["max_steps"] == 2
     assert torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["step"] == 2
