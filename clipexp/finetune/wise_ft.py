@@ -8,7 +8,7 @@ fine-tuned ones'), so the curve's end points are the two models themselves.
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Union
 
 import torch
 
@@ -54,21 +54,3 @@ def select_alpha(values: Mapping[float, float], select: Union[str, float], mode:
     if alpha not in values:
         raise ValueError(f"trainer.wise_ft.select={select!r} is invalid: best_val or one of the alphas {sorted(values)}")
     return alpha
-
-
-def validate_alphas(alphas: Sequence[float], select: Optional[Union[str, float]]) -> Optional[str]:
-    """None if fine, else what is wrong (for a one-line config error)."""
-    for a in alphas:
-        if not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
-            return f"alphas must be numbers in [0, 1]; got {a!r}"
-    if len(set(map(float, alphas))) != len(alphas):
-        return "alphas must be distinct"
-    if select is None or select == "best_val":
-        return None
-    try:
-        value = float(select)
-    except (TypeError, ValueError):
-        return "select must be best_val or one of the alphas"
-    if value not in set(map(float, alphas)):
-        return f"select={select!r} must be best_val or one of the alphas {list(alphas)}"
-    return None
