@@ -2,7 +2,8 @@
 
 Functions of paths and state dicts (no Hydra, no MLflow):
 
-* :func:`trainer_state` / :func:`restore_trainer`: a trainer's model, loss, optimizer, GradScaler,
+* :func:`trainer_state` / :func:`restore_trainer`: a trainer's model (its LoRA adapters alone under
+  LoRA), weight EMA, loss, optimizer, GradScaler,
   temperature schedule, loop position (step, epoch, batch in the epoch), OOM-recovery state, best
   value, history, results, RNG states, MLflow run id and resolved config, and back.
 
@@ -111,7 +112,8 @@ POSITION = ("step", "epoch", "batch_in_epoch", "best_value", "best_step", "evals
 def trainer_state(trainer) -> Dict[str, Any]:
     """Everything an exact resume of a :class:`~clipexp.train.Trainer` needs, as plain types and tensors."""
     return {
-        "model": trainer.model.state_dict(), "loss_fn": trainer.loss_fn.state_dict(),
+        # the model's share: the adapters alone under LoRA; the EMA weights under "robust"
+        "model": trainer.robust.model_state(trainer.model), "robust": trainer.robust.state_dict(), "loss_fn": trainer.loss_fn.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
         "temp_schedule": trainer.temp_schedule.state_dict(), "loss_temperature": float(trainer.loss_fn.temperature),
         "oom": trainer.oom.state_dict(), **{key: plain(getattr(trainer, key)) for key in POSITION}, "rng": rng_state(),
@@ -140,7 +142,8 @@ def restore_trainer(trainer, state: Dict[str, Any], changed: Sequence[str] = ())
     optimizer's states are then restored where they still fit (a different loss can have other
     parameters: those start afresh, with a warning), and a changed batch keeps the new batch size.
     """
-    trainer.model.load_state_dict(state["model"])
+    trainer.robust.load_model_state(trainer.model, state["model"])  # the adapters alone under LoRA
+    trainer.robust.load_state_dict(state.get("robust", {}))  # the EMA weights
     parts = [("loss_fn", trainer.loss_fn), ("optimizer", trainer.optimizer), ("scaler", trainer.scaler),
              ("temp_schedule", trainer.temp_schedule)]
     for name, part in parts:

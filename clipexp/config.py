@@ -122,8 +122,60 @@ RULES: Dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.keep_last": _int_ge1,
     "trainer.early_stopping_patience": _pos_int_or_null,
     "trainer.dist_timeout_s": _int_ge1,
+    "trainer.layer_decay": (_optional(lambda v: 0 < v <= 1), "null (off) or a number in (0, 1], e.g. 0.65"),
+    "trainer.head_lr": (_optional(_positive), "null (= trainer.learning_rate) or a number > 0"),
+    "trainer.logit_scale_lr": (_optional(_positive), "null (= trainer.learning_rate) or a number > 0"),
+    "trainer.ema.decay": (_optional(lambda v: 0 <= v < 1), "null or 0 (off) or a number in (0, 1), e.g. 0.999"),
+    "model.lora.r": (lambda v: isinstance(v, int) and v >= 0, "0 (off) or an integer >= 1"),
+    "model.lora.alpha": _pos,
+    "model.lora.dropout": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     "seed": _ge0,
 }
+
+EVAL_SPLITS = ("val", "test", "all")
+
+
+def _check_wise_ft(alphas: List[Any], select: Any) -> None:
+    key = "trainer.wise_ft.alphas"
+    if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
+        raise ConfigError(key, list(alphas), "a list of numbers in [0, 1] (0 = the start model, 1 = the fine-tuned one), e.g. [0,0.25,0.5,0.75,1]")
+    if len({float(a) for a in alphas}) != len(alphas):
+        raise ConfigError(key, list(alphas), "distinct numbers")
+    if select == "best_val":
+        return
+    try:
+        ok = float(select) in {float(a) for a in alphas}
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError("trainer.wise_ft.select", select, f"best_val or one of trainer.wise_ft.alphas={list(alphas)}")
+
+
+def _check_robust(cfg: Any) -> None:
+    """The robust fine-tuning keys that depend on each other (README "Robust fine-tuning")."""
+    _check_wise_ft(list(_get(cfg, "trainer.wise_ft.alphas")), _get(cfg, "trainer.wise_ft.select"))
+    if list(_get(cfg, "trainer.wise_ft.alphas")) and not _get(cfg, "data.val_split") > 0:
+        raise ConfigError("data.val_split", _get(cfg, "data.val_split"), "> 0 with trainer.wise_ft.alphas set (each alpha is evaluated on val)")
+    if _get(cfg, "model.lora.r") > 0 and not list(_get(cfg, "model.lora.target_modules")):
+        raise ConfigError("model.lora.target_modules", [], "a list of module names, e.g. [q_proj,k_proj,v_proj,out_proj]")
+    monitor = _get(cfg, "trainer.monitor")
+    if str(monitor).startswith("ema/") and not _get(cfg, "trainer.ema.decay"):
+        raise ConfigError("trainer.monitor", monitor, "a metric of the trained weights (ema/... needs trainer.ema.decay, e.g. 0.999)")
+    ev = _get(cfg, "eval_data")
+    if ev is None:
+        return
+    for key, (check, allowed) in (("source", _one_of(SOURCES)), ("split", _one_of(EVAL_SPLITS)), ("on_error", _one_of(ON_ERROR)),
+                                  ("max_samples", _pos_int_or_null)):
+        if not check(_get(ev, key)):
+            raise ConfigError(f"eval_data.{key}", _get(ev, key), allowed)
+    if _get(ev, "source") in ("csv", "json", "folder", "hf") and not _get(ev, "path"):
+        raise ConfigError("eval_data.path", None, f"a file or folder path is required for eval_data.source={_get(ev, 'source')}")
+    splits = [_get(ev, f"{s}_split") for s in ("train", "val", "test")]
+    if _get(ev, "split") != "all" and (not math.isclose(sum(splits), 1.0, abs_tol=1e-6) or _get(ev, f"{_get(ev, 'split')}_split") <= 0):
+        raise ConfigError(f"eval_data.{_get(ev, 'split')}_split", _get(ev, f"{_get(ev, 'split')}_split"),
+                          "> 0 with the three eval_data splits summing to 1 (or eval_data.split=all to evaluate every pair)")
+    if not str(_get(ev, "name")) or "/" in str(_get(ev, "name")) or _get(ev, "name") in ("val", "test", "train", "ema", "wise_ft", "best"):
+        raise ConfigError("eval_data.name", _get(ev, "name"), "a metric prefix without '/', other than train, val, test, ema, wise_ft, best")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -162,6 +214,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError("model.name_or_path", None, "a hub id or local directory (or set model.architecture to build one)")
     if _get(cfg, "data.source") in ("csv", "json", "folder") and not _get(cfg, "data.path"):
         raise ConfigError("data.path", None, f"a file or folder path is required for data.source={_get(cfg, 'data.source')}")
+    _check_robust(cfg)
 
 
 # --------------------------------------------------------------------------------------------------

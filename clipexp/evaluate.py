@@ -151,17 +151,21 @@ class Evaluator:
         with self.autocast():
             return text_features(self.model, tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float().cpu()
 
-    def metrics(self, split: str, dataset) -> Dict[str, Any]:
+    def metrics(self, split: str, dataset, class_names: Optional[Sequence[str]] = None,
+                templates: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         """``{"metrics": {"<split>/<name>": value}, "confusion": ..., "embeddings": ...}``. Several
         processes: every rank embeds its share, rank 0 computes the metrics and sends them to the others
-        (``embeddings`` is None there), so all ranks decide alike."""
+        (``embeddings`` is None there), so all ranks decide alike. ``class_names`` / ``templates``: the
+        zero-shot classes and prompts of another dataset than the run's (an ``eval_data`` set)."""
+        class_names = self.class_names if class_names is None else list(class_names)
+        templates = self.templates if templates is None else list(templates)
         e = self.embed(dataset)
         result = None
         if e is not None:
             metrics: Dict[str, Any] = {"loss": e["loss"], **evaluate_retrieval(e["image"], e["text"], e["groups"])}
             confusion = None
-            if self.class_names and (e["labels"] >= 0).any():
-                class_embeds = class_text_embeddings(self.encode_prompts, self.class_names, self.templates)
+            if class_names and (e["labels"] >= 0).any():
+                class_embeds = class_text_embeddings(self.encode_prompts, class_names, templates)
                 zs = zero_shot_metrics(e["image"], e["labels"], class_embeds)
                 confusion = zs.pop("confusion")
                 metrics.update(zs)

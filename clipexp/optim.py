@@ -1,16 +1,18 @@
 """Optimizer and schedules: AdamW with decay on weight matrices only, warmup + cosine LR, the temperature.
 
 ``build_optimizer`` and ``build_temperature_schedule`` are the trainer's builders (they read the run
-config's ``trainer`` and ``loss`` sections); ``lr_at`` and ``param_groups`` are plain functions.
+config's ``trainer`` and ``loss`` sections); ``lr_at`` is a plain function, and the parameter groups
+(weight decay; layer-wise, head and temperature rates) are :func:`clipexp.finetune.param_groups`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 
+from clipexp.finetune import param_groups
 from clipexp.losses import TemperatureScheduler
 
 
@@ -27,37 +29,26 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def param_groups(modules: Dict[str, torch.nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
-    """Two AdamW groups: decay for weight matrices; none for norms, biases, embeddings, temperatures."""
-    decay, no_decay = [], []
-    for prefix, module in modules.items():
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            full = f"{prefix}.{name}"
-            if p.ndim < 2 or "embedding" in full or "logit_scale" in full or "norm" in full or full.startswith("loss."):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def build_optimizer(trainer_cfg: Any, model: torch.nn.Module, loss_fn: torch.nn.Module, device_type: str,
                     use_grad_scaler: bool) -> Tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
     """AdamW over the model's and the loss's trainable parameters (fused on CUDA), and its GradScaler
-    (enabled for fp16 only)."""
+    (enabled for fp16 only). The groups carry ``lr_scale`` (``trainer.layer_decay``, ``head_lr``,
+    ``logit_scale_lr``; all 1 when those are null) for :func:`set_lr`."""
     t = trainer_cfg
     fused = bool(t.fused_adamw and device_type == "cuda")
+    groups = param_groups(model, t.learning_rate, t.weight_decay, layer_decay=t.layer_decay, head_lr=t.head_lr,
+                          logit_scale_lr=t.logit_scale_lr, extra={"loss": loss_fn})
     optimizer = torch.optim.AdamW(
-        param_groups({"model": model, "loss": loss_fn}, t.weight_decay),
+        groups,
         lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused or None,
     )
     return optimizer, torch.amp.GradScaler(device_type, enabled=use_grad_scaler)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's ``lr`` for this step, scaled per group (layer decay, head and temperature rates)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def trainable_parameters(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:

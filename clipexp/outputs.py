@@ -24,6 +24,7 @@ from clipexp.tracking import flatten, git_commit, make_tracker, overrides_run_na
 def run_tags(cfg: Any, overrides: List[str], output_dir: Path, dev: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     return {
         "domain": cfg.domain.name, "loss": cfg.loss.name, "model": cfg.model.name, "data": cfg.data.source,
+        "init_from": cfg.model.name_or_path or f"built:{cfg.model.name}",  # a two-stage run names stage 1's folder here
         "git_commit": git_commit(), "hydra_overrides": " ".join(overrides) or "(none)",
         "output_dir": str(output_dir), "device": f"{dev.type}:{dev.name}", "precision": dev.precision,
         **(extra or {}),
@@ -37,6 +38,7 @@ def derived_params(trainer) -> Dict[str, Any]:
         "batch_size": t.batch_size, "logical_batch": t.logical_batch, "world_size": t.dist.world_size,
         "global_batch": t.global_batch, "total_steps": t.total_steps, "steps_per_epoch": t.steps_per_epoch,
         "precision": t.dev.precision, "num_parameters": count_parameters(t.model),
+        "num_trainable_parameters": count_parameters(t.model, trainable_only=True),
         "num_train_pairs": len(t.data.train), "num_val_pairs": _len(t.data.val), "num_test_pairs": _len(t.data.test),
     }
 

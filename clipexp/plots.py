@@ -65,3 +65,25 @@ def confusion_matrix(confusion, class_names: Sequence[str], path: Path, title: s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def wise_ft_curve(alphas: Sequence[float], target: Sequence[float], retention: Sequence[float] | None, path: Path,
+                  target_name: str = "val", retention_name: str = "retention", metric: str = "zeroshot_balanced_acc") -> Path:
+    """WiSE-FT: target accuracy against retention accuracy, one point per alpha (0 = the start model,
+    1 = the fine-tuned one); without a retention set, target accuracy against alpha."""
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    if retention is not None:
+        ax.plot(retention, target, marker="o")
+        for a, x, y in zip(alphas, retention, target):
+            ax.annotate(f"{a:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"{retention_name} {metric}")
+    else:
+        ax.plot(alphas, target, marker="o")
+        ax.set_xlabel("alpha (0 = start model, 1 = fine-tuned)")
+    ax.set_ylabel(f"{target_name} {metric}")
+    ax.set_title("WiSE-FT weight interpolation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

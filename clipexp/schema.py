@@ -58,6 +58,16 @@ class ArchitectureConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``r: 0`` = off): only the adapters train; the saved model is merged."""
+
+    r: int = 0
+    alpha: float = 16.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    dropout: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     name: str = "clip_vit_b32"
     # Hub id or local directory; null together with ``architecture`` builds a random-weight CLIP.
@@ -68,6 +78,7 @@ class ModelConfig:
     gradient_checkpointing: Any = False  # true (both towers) | image | text | false
     lock_image: bool = False
     lock_text: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -143,11 +154,32 @@ class DataConfig:
 
 
 @dataclass
+class EvalDataConfig(DataConfig):
+    """A second, evaluation-only data source (``eval_data=<option>``): e.g. a "retention" set that measures
+    what fine-tuning forgot. Its metrics are ``<name>/...`` next to ``val/...`` at every evaluation."""
+
+    name: str = "retention"
+    split: str = "val"  # which of its splits to evaluate (its own *_split keys and the run's seed), or all
+    prompt_templates: Optional[List[str]] = None  # zero-shot prompts; null = the run's domain prompts
+
+
+@dataclass
 class DeviceConfig:
     type: str = "auto"
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
+
+
+@dataclass
+class EMAConfig:
+    decay: Optional[float] = None  # EMA of the weights, updated every optimizer step; null or 0 = off
+
+
+@dataclass
+class WiseFTConfig:
+    alphas: List[float] = field(default_factory=list)  # e.g. [0, 0.25, 0.5, 0.75, 1]; empty = off
+    select: str = "best_val"  # best_val (by trainer.monitor) or one of the alphas: the weights saved as the model
 
 
 @dataclass
@@ -179,6 +211,12 @@ class TrainerConfig:
     resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (README "What survives what")
     progress: bool = True
     dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
+    # Robust fine-tuning (README "Robust fine-tuning")
+    layer_decay: Optional[float] = None  # per tower: layer i of L gets lr x decay^(L - i); null = off
+    head_lr: Optional[float] = None  # projection heads; null = learning_rate
+    logit_scale_lr: Optional[float] = None  # the temperature (logit scale, a loss's own temperature/bias); null = learning_rate
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    wise_ft: WiseFTConfig = field(default_factory=WiseFTConfig)
 
 
 @dataclass
@@ -204,6 +242,7 @@ class RunConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval_data: Optional[EvalDataConfig] = None  # eval_data=<option>: an extra evaluation-only data source
     seed: int = 42
     optimized_metric: Optional[str] = None  # set by hparams_search presets (documentation only)
 

@@ -26,6 +26,7 @@ from clipexp.config import ConfigError
 from clipexp.device import DeviceError
 from clipexp.memory import BatchTooLargeError
 from clipexp.models import ModelLoadError
+from clipexp.robust import wise_ft_table
 from clipexp.train import NonFiniteLossError, Trainer, summary_table
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     trainer.cleanup("FINISHED")
     if trainer.dist.is_main:
         print(summary_table(results, trainer.best_step))
+        if "wise_ft" in results:
+            retention = trainer.extra_eval[0] if trainer.extra_eval else None
+            print(wise_ft_table(results["wise_ft"], "val", retention, trainer.robust.wise_ft_metric))
         print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
     return trainer.best_value
 

@@ -37,8 +37,9 @@ from clipexp.optim import build_optimizer, build_temperature_schedule, lr_at, pa
 from clipexp.resume import describe_changes, resume_checkpoint
 from clipexp.serving import publish_model
 from clipexp.outputs import derived_params, run_tags, start_tracking, summary_table, write_outputs, write_plots  # noqa: F401
-from clipexp.train_data import (DeviceBatches, EpochSampler, build_data, build_train_loader, default_train_threads,  # noqa: F401
-                                default_train_workers, stop_workers, text_has_dropout)
+from clipexp.robust import EMA_PREFIX, RobustFineTuning, wise_ft_metrics
+from clipexp.train_data import (DeviceBatches, EpochSampler, build_data, build_eval_data, build_train_loader,  # noqa: F401
+                                default_train_threads, default_train_workers, stop_workers, text_has_dropout)
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ class Trainer:
         if self.dist.enabled:
             log.info("distributed: %s", self.dist.describe())
 
-        self.model, self.processor = build_training_model(cfg.model, cfg.device, self.device)  # weights follow the seed
-        self.data = build_data(cfg, self.processor)
+        self.robust = RobustFineTuning(cfg)  # LoRA, EMA, WiSE-FT (README "Robust fine-tuning")
+        self.model, self.processor = build_training_model(cfg.model, cfg.device, self.device, prepare=self.robust.prepare_model)
+        self.data = build_data(cfg, self.processor)  # (a built model's weights follow the seed)
+        self.extra_eval = build_eval_data(cfg, self.processor)  # (name, dataset, classes, prompts) or None
         self.dedup_captions = bool(t.pack_captions) and not text_has_dropout(self.model)  # one dropout mask for all copies otherwise
         self.to_device = DeviceBatches(self.device, self.data.train.image_transform, t.pack_captions, self.dedup_captions)
         loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
@@ -92,6 +95,7 @@ class Trainer:
         self._setup_batches()
         self.temp_schedule = build_temperature_schedule(cfg.loss, self.total_steps)
         self.optimizer, self.scaler = build_optimizer(t, self.model, self.loss_fn, self.dev.type, self.dev.use_grad_scaler)
+        self.robust.start_ema(self.model)
         self.evaluator = Evaluator(
             self.model, self.loss_fn, self.processor, prepare=self.to_device, collate=self.collate, autocast=self.dev.autocast,
             dist=self.dist, device=self.device, batch_size=self.eval_batch_size, max_length=cfg.model.max_sequence_length,
@@ -261,6 +265,7 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.robust.after_step(self.model)  # the weight EMA
                 self.step += 1
                 window_loss.append(step_loss)
                 progress.update(1)
@@ -306,16 +311,28 @@ class Trainer:
         """``{"metrics", "confusion", "embeddings"}`` of a split (see :meth:`Evaluator.metrics`)."""
         return self.evaluator.metrics(split, getattr(self.data, split))
 
+    def _metrics_now(self, split: str) -> Dict[str, float]:
+        """``split``'s metrics for the weights the model holds now; with ``val``, the eval_data set's too."""
+        metrics = dict(self.compute_metrics(split)["metrics"])
+        if split == "val" and self.extra_eval is not None:
+            name, dataset, class_names, templates = self.extra_eval
+            metrics.update(self.evaluator.metrics(name, dataset, class_names, templates)["metrics"])
+        return metrics
+
     def evaluate(self, split: str = "val") -> bool:
         """Evaluate, log, track the best checkpoint. Returns whether the monitored metric improved."""
         t = self.cfg.trainer
         if getattr(self.data, split) is None:
             log.warning("no %s split (data.%s_split=0): skipping evaluation", split, split)
             return False
-        metrics = self.compute_metrics(split)["metrics"]
+        metrics = self._metrics_now(split)
+        if self.robust.ema is not None:  # the EMA weights, evaluated alongside: ema/val/...
+            with self.robust.ema.swapped(self.model):
+                metrics.update({EMA_PREFIX + k: v for k, v in self._metrics_now(split).items()})
         self._log(metrics)
         label = "baseline" if self.step == 0 else f"step {self.step}"
-        log.info("%s %s: %s", split, label, "  ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in metrics.items() if "mean_rank" not in k))
+        short = {(k[len(split) + 1:] if k.startswith(split + "/") else k): v for k, v in metrics.items() if "mean_rank" not in k}
+        log.info("%s %s: %s", split, label, "  ".join(f"{k}={v:.4f}" for k, v in short.items()))
         if self.step == 0:
             self.results["baseline"] = dict(metrics)
         self.results["final"] = dict(metrics)
@@ -330,7 +347,9 @@ class Trainer:
         self.evals_without_improvement = 0
         self.results["best"] = dict(metrics)
         if self.dist.is_main:  # the other ranks read it only in finish(), after rank 0 says it exists
-            checkpoint.save_best(self.ckpt_dir, self.model.state_dict(), self.loss_fn.state_dict(), self.step, t.monitor, value)
+            # the monitored weights: the EMA's for an ema/... monitor (the adapters alone under LoRA)
+            with self.robust.monitored_weights(self.model):
+                checkpoint.save_best(self.ckpt_dir, self.robust.model_state(self.model), self.loss_fn.state_dict(), self.step, t.monitor, value)
         self._log({f"best/{t.monitor}": value})
         return True
 
@@ -363,15 +382,23 @@ class Trainer:
     def finish(self) -> None:
         """Test evaluation with the best weights, plots, the model, the metrics JSON; all logged.
 
+        Before the test: LoRA adapters are merged, and with ``trainer.wise_ft.alphas`` each interpolation
+        between the start and the best weights is evaluated; the selected one is then tested and saved.
+
         Several processes: every rank loads the best weights and takes part in the test evaluation;
         only rank 0 writes the outputs.
         """
         best = self.ckpt_dir / checkpoint.BEST
         if self.dist.broadcast(best.is_file()):  # (rank 0 wrote it; the broadcast also waits for that)
             state = checkpoint.load_checkpoint(best, map_location=self.device)
-            self.model.load_state_dict(state["model"])
+            self.robust.load_model_state(self.model, state["model"])
             self.loss_fn.load_state_dict(state["loss_fn"])
             log.info("test evaluation uses the best checkpoint (%s=%.4f at step %d)", state["monitor"], state["value"], state["step"])
+        self.model = self.evaluator.model = self.robust.final_model(self.model)  # LoRA: merged into plain CLIPModel weights
+        wise = self.robust.wise_ft(self.model, lambda: self._metrics_now("val"))  # leaves the selected alpha's weights
+        if wise is not None:
+            self._log(wise_ft_metrics(wise))
+            self.results["wise_ft"] = wise
         split = "test" if self.data.test is not None else "val" if self.data.val is not None else None
         result = self.compute_metrics(split) if split is not None else None
         if result is not None and split == "test":
@@ -381,6 +408,8 @@ class Trainer:
             return
         write_plots(self.output_dir / "plots", result, getattr(self.data, split) if split else None, split, self.data.class_names,
                     self.history)
+        if wise is not None:
+            self.robust.plot_wise_ft(wise, self.output_dir / "plots" / "wise_ft.png", self.extra_eval[0] if self.extra_eval else None)
         summary = {**self.results, "monitor": self.cfg.trainer.monitor, "best_value": self.best_value,
                    "best_step": self.best_step, "steps": self.step}
 

@@ -10,13 +10,16 @@ that can start part-way through an epoch, sliced per rank under torchrun.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, Optional
+import logging
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from clipexp.models import pack_captions
+
+log = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler[int]):
@@ -110,6 +113,31 @@ def build_data(cfg: Any, processor: Any):
     )
 
 
+def build_eval_data(cfg: Any, processor: Any) -> Optional[Tuple[str, Any, List[str], List[str]]]:
+    """``eval_data``: an evaluation-only source (e.g. a retention set) -> ``(name, dataset, class names,
+    zero-shot prompts)``, or None when unset. ``eval_data.split`` takes that split of it (its own
+    ``*_split`` keys, the run's seed) or ``all`` of it; its prompts default to the domain's."""
+    if cfg.get("eval_data") is None:
+        return None
+    from clipexp.config import ConfigError
+    from clipexp.data import build_datasets
+
+    ev = OmegaConf.to_container(cfg.eval_data, resolve=True)
+    name, which = ev.pop("name"), ev.pop("split")
+    templates = list(ev.pop("prompt_templates") or cfg.domain.prompt_templates)
+    if which == "all":  # every pair: built as a lone train split, with the evaluation transforms
+        ev.update(train_split=1.0, val_split=0.0, test_split=0.0, augment_images=False, augment_text=False)
+    splits = build_datasets(ev, processor=processor, image_resolution=cfg.model.image_resolution,
+                            max_sequence_length=cfg.model.max_sequence_length, prompt_templates=templates, seed=cfg.seed, pixels="uint8")
+    dataset = splits.train if which == "all" else getattr(splits, which)
+    if dataset is None or len(dataset) == 0:
+        raise ConfigError(f"eval_data.{which}_split", ev.get(f"{which}_split"),
+                          f"a split with pairs ({splits.num_pairs} pairs in all): raise it or use eval_data.split=all")
+    log.info("eval_data %r: %d pairs (%s split of %s), evaluated as %s/... with every val evaluation", name, len(dataset), which,
+             ev["source"], name)
+    return name, dataset, list(splits.class_names), templates
+
+
 def build_train_loader(dataset, sampler: EpochSampler, num_workers: Optional[int], device_type: str,
                        local_world_size: int = 1) -> DataLoader:
     """The training loader over ``sampler``; on CPU also the step's thread count (see the two defaults).
@@ -139,8 +167,11 @@ def stop_workers(loader: Optional[DataLoader]) -> None:
 
 
 def text_has_dropout(model) -> bool:
+    """The text tower's config dropouts, or a dropout module in it (e.g. LoRA's ``model.lora.dropout``)."""
     text_cfg = model.config.text_config
-    return float(getattr(text_cfg, "dropout", 0.0) or 0.0) + float(getattr(text_cfg, "attention_dropout", 0.0) or 0.0) > 0.0
+    if float(getattr(text_cfg, "dropout", 0.0) or 0.0) + float(getattr(text_cfg, "attention_dropout", 0.0) or 0.0) > 0.0:
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.text_model.modules())
 
 
 class DeviceBatches:

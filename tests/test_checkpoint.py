@@ -91,8 +91,8 @@ def test_a_trainers_checkpoint_is_plain_types_and_tensors_and_resumes_its_positi
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["best.pt", "step_0000002.pt"]  # keep_last=1 pruned step 1
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
-    assert set(state) == {"model", "loss_fn", "optimizer", "scaler", "temp_schedule", "loss_temperature", "oom", *checkpoint.POSITION,
-                          "rng", "run_id", "config", "format"}
+    assert set(state) == {"model", "robust", "loss_fn", "optimizer", "scaler", "temp_schedule", "loss_temperature", "oom",
+                          *checkpoint.POSITION, "rng", "run_id", "config", "format"}
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["best_step"]) == (2, 0, 2, 2)
     assert [s for s, _ in state["history"]["train/loss"]] == [1, 2] and state["config"]["trainer"]["max_steps"] == 2
     assert torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["step"] == 2

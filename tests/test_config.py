@@ -21,8 +21,8 @@ def test_groups_and_options_exist():
 
 def _needs(group, option):
     """Extra overrides an option needs to be valid on its own (a data file path)."""
-    if group == "data" and option in ("csv", "json", "folder", "hf"):
-        return ["data.path=/tmp/somewhere"]
+    if group in ("data", "eval_data") and option in ("csv", "json", "folder", "hf"):
+        return [f"{group}.path=/tmp/somewhere"]
     return []
 
 

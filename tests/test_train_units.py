@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from clipexp.train import EpochSampler, atomic_save, lr_at, param_groups
+from clipexp.finetune import param_groups
+from clipexp.train import EpochSampler, atomic_save, lr_at
 
 
 @pytest.mark.parametrize(
@@ -39,7 +40,7 @@ def test_weight_decay_groups_skip_norms_biases_embeddings_and_temperatures():
 
     model = build_model(ArchitectureConfig(), 64, 32)
     loss = CLIPContrastiveLoss(learnable_temp=True)
-    decay, no_decay = param_groups({"model": model, "loss": loss}, 0.1)
+    decay, no_decay = param_groups(model, base_lr=1e-3, weight_decay=0.1, extra={"loss": loss})
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

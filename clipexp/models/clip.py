@@ -114,6 +114,16 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+def resolve_run_folder(path: Union[str, Path]) -> Path:
+    """A clipexp run folder (``outputs/<date>/<time>``, holding ``model/``) -> its ``model/``; any other
+    folder as it is. So stage 2 of a two-stage run can name stage 1's run folder or its ``model/``."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        log.info("model.name_or_path=%s is a run folder: loading its model/", path)
+        return path / "model"
+    return path
+
+
 def load_clip(
     name_or_path: Optional[str],
     architecture: Optional[Union[Mapping[str, Any], Any]] = None,
@@ -122,8 +132,8 @@ def load_clip(
 ) -> Tuple[nn.Module, Any]:
     """Return ``(CLIPModel, CLIPProcessor)``.
 
-    ``name_or_path``: a hub id (``openai/clip-vit-base-patch32``) or a local ``save_pretrained``
-    directory. ``None`` with ``architecture`` builds a random-weight CLIP and a generated tokenizer.
+    ``name_or_path``: a hub id (``openai/clip-vit-base-patch32``), a local ``save_pretrained``
+    directory, or a clipexp run folder (its ``model/`` is loaded). ``None`` with ``architecture`` builds a random-weight CLIP and a generated tokenizer.
     """
     if name_or_path is None:
         if architecture is None:
@@ -137,6 +147,7 @@ def load_clip(
     path = str(Path(name_or_path).expanduser()) if local else name_or_path
     if local and not Path(path).is_dir():
         raise ModelLoadError(f"model.name_or_path={name_or_path!r}: no such directory; give a save_pretrained folder or a hub id")
+    path = str(resolve_run_folder(path)) if local else path
     try:
         model = CLIPModel.from_pretrained(path)
         processor = CLIPProcessor.from_pretrained(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -70,13 +70,18 @@ def apply_levers(model: nn.Module, *, lock_image: bool = False, lock_text: bool 
     return model
 
 
-def build_training_model(model_cfg: Any, device_cfg: Any, device: torch.device) -> Tuple[nn.Module, Any]:
+def build_training_model(model_cfg: Any, device_cfg: Any, device: torch.device,
+                         prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> Tuple[nn.Module, Any]:
     """``(model, processor)`` from a run config's ``model`` and ``device`` sections (any object with
     the keys of ``ModelConfig`` / ``DeviceConfig``), levers applied, on ``device``. A built model's
-    weights follow the caller's seed."""
+    weights follow the caller's seed. ``prepare(model) -> model`` runs on the loaded model before the
+    levers (the trainer keeps the start weights there and adds LoRA adapters: a locked tower then
+    freezes its adapters too)."""
     m = model_cfg
     arch = dict(m.architecture) if m.architecture is not None else None
     model, processor = load_clip(m.name_or_path, arch, m.image_resolution, m.max_sequence_length)
+    if prepare is not None:
+        model = prepare(model)
     apply_levers(model, lock_image=m.lock_image, lock_text=m.lock_text, gradient_checkpointing=m.gradient_checkpointing,
                  channels_last=device_cfg.channels_last, compile=device_cfg.compile)
     return model.to(device), processor

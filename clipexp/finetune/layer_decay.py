@@ -1,0 +1,96 @@
+"""AdamW parameter groups with layer-wise learning-rate decay and separate head / temperature rates.
+
+Per tower, as in the BEiT / FLYP fine-tuning recipes: with ``L`` transformer layers in the tower,
+layer ``i`` (0-based) gets ``lr * decay ** (L - i)``, the embeddings (and the vision tower's pre-norm)
+``lr * decay ** (L + 1)``, and what sits above the last layer (the final layer norm) the full ``lr``.
+The projection heads (``visual_projection``, ``text_projection``) get ``head_lr`` and the temperature
+(the model's ``logit_scale``, and a loss module's own parameters: a learnable temperature, SigLIP's
+bias) ``logit_scale_lr``; null means the base rate. Names are matched anywhere in the parameter name,
+so a ``peft`` LoRA wrapper (``base_model.model.vision_model...``) gets the same groups.
+
+Every group carries ``lr_scale`` (its rate divided by the base rate): a schedule sets
+``group["lr"] = lr_at(step) * group["lr_scale"]``, so warmup and decay apply to all groups alike.
+Weight decay is off for norms, biases, embeddings and temperatures, as before.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from torch import nn
+
+_TOWERS = {"vision_model": "vision", "text_model": "text"}
+_LAYER = re.compile(r"(?:^|\.)(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
+_EMBED = re.compile(r"(?:^|\.)(vision_model|text_model)\.(?:embeddings\.|pre_layrnorm\.)")
+_HEAD = re.compile(r"(?:^|\.)(visual_projection|text_projection)\.")
+
+
+def tower_depths(model: nn.Module) -> Dict[str, int]:
+    """Transformer layers per tower, counted from the parameter names (frozen ones included)."""
+    depths = {"vision": 0, "text": 0}
+    for name, _ in model.named_parameters():
+        m = _LAYER.search(name)
+        if m:
+            tower = _TOWERS[m.group(1)]
+            depths[tower] = max(depths[tower], int(m.group(2)) + 1)
+    return depths
+
+
+def no_weight_decay(name: str, ndim: int) -> bool:
+    return ndim < 2 or "embedding" in name or "logit_scale" in name or "norm" in name
+
+
+def lr_scale(name: str, depths: Mapping[str, int], base_lr: float, layer_decay: Optional[float] = None,
+             head_lr: Optional[float] = None, logit_scale_lr: Optional[float] = None) -> Tuple[str, float]:
+    """``(group name, rate / base rate)`` of the model parameter ``name``."""
+    if name == "logit_scale" or name.endswith(".logit_scale"):
+        return "logit_scale", (logit_scale_lr / base_lr) if logit_scale_lr is not None else 1.0
+    if _HEAD.search(name):
+        return "head", (head_lr / base_lr) if head_lr is not None else 1.0
+    d = layer_decay if layer_decay is not None else 1.0
+    m = _LAYER.search(name)
+    if m:
+        tower, i = _TOWERS[m.group(1)], int(m.group(2))
+        return f"{tower}.layer_{i}", d ** (depths[tower] - i)
+    m = _EMBED.search(name)
+    if m:
+        tower = _TOWERS[m.group(1)]
+        return f"{tower}.embeddings", d ** (depths[tower] + 1)
+    return "top", 1.0
+
+
+def param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: Optional[float] = None,
+                 head_lr: Optional[float] = None, logit_scale_lr: Optional[float] = None,
+                 extra: Optional[Mapping[str, nn.Module]] = None) -> List[Dict[str, Any]]:
+    """AdamW groups over ``model``'s trainable parameters (and those of ``extra`` modules, e.g.
+    ``{"loss": loss_fn}``, which count as temperatures): one group per (rate, weight decay) pair, in
+    order of first appearance (decaying groups first), each with ``params``, ``lr``, ``lr_scale``,
+    ``weight_decay`` and ``name`` (the parts it holds, e.g. ``vision.layer_0``, ``head``,
+    ``top/no_decay``). With no decay and no separate rates this is the two groups decay / no decay,
+    in the former order."""
+    depths = tower_depths(model)
+    groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
+
+    def add(p, label: str, scale: float, wd: float) -> None:
+        key = (scale, wd)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": base_lr * scale, "lr_scale": scale, "weight_decay": wd, "name": label}
+        elif label not in groups[key]["name"].split(","):
+            groups[key]["name"] += "," + label
+        groups[key]["params"].append(p)
+
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        label, scale = lr_scale(name, depths, base_lr, layer_decay, head_lr, logit_scale_lr)
+        nd = no_weight_decay(name, p.ndim)
+        add(p, label + ("/no_decay" if nd else ""), scale, 0.0 if nd else weight_decay)
+    for prefix, module in (extra or {}).items():
+        for _, p in module.named_parameters():
+            if p.requires_grad:
+                scale = (logit_scale_lr / base_lr) if logit_scale_lr is not None else 1.0
+                add(p, f"{prefix}/no_decay", scale, 0.0)
+    # decaying groups first (then first appearance): with every scale 1 the parameter order, and so the
+    # summation order of the gradient norm, is the one of the former two-group split
+    return sorted(groups.values(), key=lambda g: g["weight_decay"] == 0.0)
