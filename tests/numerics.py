@@ -44,7 +44,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = REOR
     magnitude in ``expected``; shapes and dtypes must match."""
     scale = scale_of(expected) if scale is None else scale
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * scale,
-                               msg=lambda m: f"{name}: {m} (tolerance {rel:g} x max-abs {scale:.3g})" if name else m)
+                               msg=lambda m: f"{name + ': ' if name else ''}{m} (tolerance {rel:g} x max-abs {scale:.3g})")
 
 
 def assert_all_close(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], rel: float = REORDER) -> None:
