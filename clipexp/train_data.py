@@ -96,6 +96,13 @@ def default_train_threads(cores: int, workers: int) -> int:
     return max(1, cores if cores < 4 else cores - workers)
 
 
+def train_threads(cores: int, workers: int) -> int:
+    """The CPU step's threads: ``OMP_NUM_THREADS`` when it is set (the variable PyTorch itself reads; a user
+    or a test run that pins it keeps it), else :func:`default_train_threads`."""
+    pinned = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(pinned) if pinned.isdigit() and int(pinned) > 0 else default_train_threads(cores, workers)
+
+
 def build_data(cfg: Any, processor: Any):
     """Train / val / test datasets of the run config (``data``, ``domain``, ``model`` sections), their
     images left uint8 so each batch is normalised on the device (1/4 of the bytes to move)."""
@@ -152,7 +159,7 @@ def build_train_loader(dataset, sampler: EpochSampler, num_workers: Optional[int
     cores = max(1, (os.cpu_count() or 1) // local_world_size)  # this process's share of the node
     workers = num_workers if num_workers is not None else default_train_workers(cores, device_type)
     if device_type == "cpu":
-        torch.set_num_threads(default_train_threads(cores, workers))
+        torch.set_num_threads(train_threads(cores, workers))
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=device_type == "cuda", drop_last=False)
 

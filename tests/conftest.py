@@ -2,8 +2,8 @@
 
 ``CLIPEXP_TEST_THREADS=N`` runs the whole suite with N torch intra-op threads (``make test THREADS=1``):
 every test starts at N, whatever an earlier test's trainer set, and ``one_thread`` gives way to it. Float
-comparisons must hold at any count (see ``numerics.py``); a trainer inside a test still picks its own
-count in ``setup()`` (``cores - workers``), as it does for users.
+comparisons must hold at any count (see ``numerics.py``). It also sets ``OMP_NUM_THREADS``, which trainers
+(in this process and in the CLI subprocesses) take as their CPU thread count, as they do for users.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def pytest_configure(config):
     config.clipexp_threads = _requested_threads()
     if config.clipexp_threads:
         torch.set_num_threads(config.clipexp_threads)
+        # trainers (in this process and in CLI subprocesses) take their CPU threads from it
+        os.environ["OMP_NUM_THREADS"] = str(config.clipexp_threads)
     config.clipexp_start_threads = torch.get_num_threads()
 
 

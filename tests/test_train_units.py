@@ -96,3 +96,18 @@ def test_default_loader_workers_and_threads_per_device_and_cores():
     # below 4 cores the step keeps every core, also beside a worker asked for; from 4 the workers get their own
     assert [default_train_threads(c, w) for c, w in ((1, 0), (2, 0), (2, 1), (3, 1), (4, 1), (8, 2))] == [1, 2, 2, 3, 3, 6]
     assert [default_train_workers(c, "cuda") for c in (1, 2, 4, 8, 16)] == [0, 1, 2, 4, 4]
+
+
+def test_omp_num_threads_pins_the_cpu_step_threads(monkeypatch):
+    """A user (or ``make test THREADS=N``) who sets OMP_NUM_THREADS keeps it; unset or invalid: cores - workers rule."""
+    from clipexp.train_data import train_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert train_threads(2, 0) == 1 and train_threads(8, 2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train_threads(2, 0) == 3
+    for unusable in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert train_threads(2, 0) == 2 and train_threads(8, 2) == 6
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert train_threads(2, 1) == 2
