@@ -111,3 +111,20 @@ def test_two_losses_by_two_seeds_sweep_reports_mean_and_std_per_loss(tmp_path):
     assert sorted(jobs["loss"]) == ["contrastive", "contrastive", "siglip", "siglip"]  # a group's value, from the overrides
     text = open(client.download_artifacts(parent.info.run_id, "sweep_summary.md", str(tmp_path / "dl3"))).read()
     assert "Mean and std (n - 1) over seeds per setting:" in text and "| contrastive | 2 | 0 |" in text
+
+
+def test_quality_benchmark_candidates_compose_and_the_preset_keeps_the_weave_scale(compose_cfg):
+    import importlib.util
+
+    from test_sweeps import ROOT
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    preset = compose_cfg("experiment=quickstart", "tracking.enabled=false")
+    assert preset.domain.augmentation.crop_scale_min == 1.0 and preset.domain.augmentation.hflip
+    assert quality.CANDIDATES["preset"] == []
+    for name, overrides in quality.CANDIDATES.items():
+        cfg = compose_cfg("experiment=quickstart", *overrides, "tracking.enabled=false")  # every candidate is valid
+        assert (cfg == preset) == (name == "preset"), name
+    assert compose_cfg("experiment=quickstart", *quality.CANDIDATES["previous"]).domain.augmentation.crop_scale_min == 0.85
