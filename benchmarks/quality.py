@@ -48,9 +48,10 @@ METRIC = "test/zeroshot_balanced_acc"
 
 # name -> overrides on top of experiment=quickstart
 CANDIDATES: Dict[str, List[str]] = {
-    "previous": ["domain.augmentation.crop_scale_min=0.85"],  # the quick start before this benchmark (industrial crop)
-    "preset": [],                                                     # crop_scale_min 1.0: the weave's scale kept
-    "160px": ["model.image_resolution=160", "model.architecture.patch_size=20"],  # finer pixels, still 64 tokens
+    # the quick start before this benchmark: industrial crop (area 0.85-1), 128 px, 16 px patches
+    "previous": ["domain.augmentation.crop_scale_min=0.85", "model.image_resolution=128", "model.architecture.patch_size=16"],
+    "128px": ["model.image_resolution=128", "model.architecture.patch_size=16"],  # no crop, the old resolution
+    "preset": [],                                     # no crop (weave scale kept), 160 px, 20 px patches (64 tokens)
     "plain_targets": ["loss.multi_positive=false"],                   # textbook CLIP targets
     "lr2e-3": ["trainer.learning_rate=2e-3"],
     "lr5e-4": ["trainer.learning_rate=5e-4"],
