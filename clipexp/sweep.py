@@ -7,8 +7,9 @@
   its run as a child (so it works with the basic, joblib and submitit launchers alike).
 * ``on_multirun_end`` (and, for robustness, every ``on_job_end`` in the main process) writes the summary:
   a table (one row per job: swept values, monitored metric, baseline, final, test, status) as CSV and
-  Markdown, the best job's run id and value as tags and a metric, and a plot of the monitored metric
-  against each swept numeric key.
+  Markdown, the mean and std over seeds of each setting (jobs grouped by their swept values other than
+  ``seed``: ``sweep_summary_by_setting.csv``, and in the Markdown), the best job's run id and value as
+  tags and a metric, and a plot of the monitored metric against each swept numeric key.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ def child_rows(client, experiment_id: str, parent_run_id: str, keys: List[str], 
             "status": run.info.status,
             "overrides": tags.get("hydra_overrides", ""),
         }
-        for k in keys:
-            row[k] = p.get(k)
+        given = override_values(row["overrides"])
+        for k in keys:  # a config group (loss=siglip) is no param: its value is the job's override
+            row[k] = p.get(k, given.get(k))
         row.update({
             f"best {monitor}": m.get(f"best/{monitor}"),
             f"baseline {monitor}": baseline,
@@ -128,6 +130,39 @@ def child_rows(client, experiment_id: str, parent_run_id: str, keys: List[str], 
         })
         rows.append(row)
     return sorted(rows, key=lambda r: r["job"])
+
+
+def override_values(overrides: str) -> Dict[str, str]:
+    """``{key: value}`` of a job's ``hydra_overrides`` tag (space-separated ``key=value``)."""
+    pairs = (o.split("=", 1) for o in overrides.split() if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs}
+
+
+def setting_summary(table, keys: List[str], monitor: str):
+    """Mean and std (n - 1) over seeds per setting: finished jobs grouped by their swept values but ``seed``.
+
+    One row per setting: its values, ``seeds`` (finished jobs with a value), ``failed`` (other jobs), and
+    ``mean`` / ``std`` of the best monitored value and of its test value (std empty for one seed).
+    """
+    import pandas as pd
+
+    metric = monitor.split("/", 1)[1] if "/" in monitor else monitor
+    values = [f"best {monitor}", f"test/{metric}"]
+    by = [k for k in keys if k != "seed"]
+    table = table.assign(_ok=(table["status"] == "FINISHED") & table[values[0]].notna())
+    groups = table.groupby(by, dropna=False, sort=False) if by else [((), table)]
+    rows = []
+    for setting, jobs in groups:
+        setting = setting if isinstance(setting, tuple) else (setting,)
+        done = jobs[jobs["_ok"]]
+        row: Dict[str, Any] = dict(zip(by, setting))
+        row.update({"seeds": len(done), "failed": int((~jobs["_ok"]).sum())})
+        for v in values:
+            col = pd.to_numeric(done[v], errors="coerce")
+            row[f"mean {v}"] = col.mean() if len(done) else None
+            row[f"std {v}"] = col.std(ddof=1) if len(done) > 1 else None
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def write_summary(tracker, config: DictConfig, keys: List[str], final: bool = True) -> List[Dict[str, Any]]:
@@ -142,10 +177,13 @@ def write_summary(tracker, config: DictConfig, keys: List[str], final: bool = Tr
     table = pd.DataFrame(rows)
     csv_path = sweep_dir / "sweep_summary.csv"
     table.to_csv(csv_path, index=False)
+    settings = setting_summary(table, keys, monitor)
+    settings_path = sweep_dir / "sweep_summary_by_setting.csv"
+    settings.to_csv(settings_path, index=False)
     md_path = sweep_dir / "sweep_summary.md"
-    md_path.write_text(_markdown(table))
-    tracker.log_artifact(csv_path)
-    tracker.log_artifact(md_path)
+    md_path.write_text(_markdown(table) + "\nMean and std (n - 1) over seeds per setting:\n\n" + _markdown(settings))
+    for path in (csv_path, settings_path, md_path):
+        tracker.log_artifact(path)
 
     scored = [r for r in rows if r[f"best {monitor}"] is not None and r["status"] == "FINISHED"]
     if scored:
@@ -166,8 +204,14 @@ def _markdown(table) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in table.iterrows():
-        lines.append("| " + " | ".join("" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r.values) + " |")
+        lines.append("| " + " | ".join(_cell(v) for v in r.values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):  # None / NaN: an empty cell
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def _plot_metric_vs_key(table, key: str, metric: str, out_dir: Path) -> Optional[Path]:
