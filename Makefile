@@ -20,7 +20,7 @@ quickstart: setup
 	$(BIN)/python -m clipexp experiment=quickstart
 
 test: setup
-	CLIPEXP_TEST_THREADS=$(THREADS) $(BIN)/python -m pytest -q
+	CLIPEXP_TEST_THREADS=$(THREADS) $(BIN)/python -m pytest -q --durations=15   # the 15 slowest, for the next trim
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py

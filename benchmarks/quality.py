@@ -59,12 +59,53 @@ CANDIDATES: Dict[str, List[str]] = {
     "wide_vision": ["model.architecture.vision_hidden_size=128", "model.architecture.vision_heads=4",
                     "model.architecture.vision_intermediate_size=256"],
     "fixed_T": ["loss.learnable_temp=false"],                         # T = 0.07 throughout
+    # resolution: a local defect is a ~10 px salt-and-pepper speckle in the 250 px source; every resize blurs it
+    "224px": ["model.image_resolution=224", "model.architecture.patch_size=28"],   # 64 tokens
+    "240px": ["model.image_resolution=240", "model.architecture.patch_size=30"],   # 64 tokens, ~native
+    "250px_p25": ["model.image_resolution=250", "model.architecture.patch_size=25"],  # native, 100 tokens
+    "no_rotation": ["domain.augmentation.rotation_degrees=0"],        # a rotation resamples (and so blurs) every pixel
+    "240px_no_rot": ["model.image_resolution=240", "model.architecture.patch_size=30", "domain.augmentation.rotation_degrees=0"],
+    "ema": ["trainer.ema.decay=0.99", "trainer.monitor=ema/val/zeroshot_balanced_acc"],
+    # on top of no rotation
+    "nr_1200": ["domain.augmentation.rotation_degrees=0", "trainer.max_steps=1200", "trainer.warmup_steps=60"],
+    "nr_lr2e-3": ["domain.augmentation.rotation_degrees=0", "trainer.learning_rate=2e-3"],
+    "nr_wide": ["domain.augmentation.rotation_degrees=0", "model.architecture.vision_hidden_size=128",
+                "model.architecture.vision_heads=4", "model.architecture.vision_intermediate_size=256"],
+    "nr_deep": ["domain.augmentation.rotation_degrees=0", "model.architecture.vision_layers=4"],
+    "nr_plain": ["domain.augmentation.rotation_degrees=0", "loss.multi_positive=false"],
+    # native resolution without rotation: no pixel is resampled (flips are exact), so the speckle survives
+    "n250_p25": ["model.image_resolution=250", "model.architecture.patch_size=25", "domain.augmentation.rotation_degrees=0"],
+    "n250_p50": ["model.image_resolution=250", "model.architecture.patch_size=50", "domain.augmentation.rotation_degrees=0"],
+    "n250_p25_wide": ["model.image_resolution=250", "model.architecture.patch_size=25", "domain.augmentation.rotation_degrees=0",
+                      "model.architecture.vision_hidden_size=128", "model.architecture.vision_heads=4",
+                      "model.architecture.vision_intermediate_size=256"],
+    "n250_p25_1800": ["model.image_resolution=250", "model.architecture.patch_size=25", "domain.augmentation.rotation_degrees=0",
+                      "trainer.max_steps=1800", "trainer.warmup_steps=90", "trainer.eval_steps=150"],
+    "nr_ema": ["domain.augmentation.rotation_degrees=0", "trainer.ema.decay=0.99", "trainer.monitor=ema/val/zeroshot_balanced_acc"],
 }
 
 
 def cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def per_class_recall(run_dir: Path) -> Dict[str, float]:
+    """Test recall per class of the saved model (the best checkpoint), through the public inference API:
+    which class a candidate gets right (the global defect is easy; the local defect is the hard one)."""
+    import csv
+
+    from clipexp.inference import CLIPInference
+
+    inference = CLIPInference.from_pretrained(run_dir / "model", device="cpu")
+    rows = list(csv.DictReader((run_dir / "test_split.csv").open()))
+    embeds, _ = inference.embed_sources([r["image_path"] for r in rows])
+    _, predicted = inference.zero_shot(embeds)
+    names = list(inference.spec.class_names)
+    hits: Dict[str, List[bool]] = {}
+    for row, p in zip(rows, predicted.tolist()):
+        hits.setdefault(row["label"], []).append(names[p] == row["label"])
+    return {label: sum(h) / len(h) for label, h in sorted(hits.items())}
 
 
 def run_one(name: str, overrides: List[str], seed: int) -> Dict:
@@ -78,9 +119,19 @@ def run_one(name: str, overrides: List[str], seed: int) -> Dict:
         results = train(cfg, Path(out))
         wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
         info = json.loads((Path(out) / "metrics.json").read_text())
+        recall = per_class_recall(Path(out))
     return {"candidate": name, "overrides": overrides, "seed": seed, "test_balanced_acc": results["test"][METRIC],
+            "test_recall": recall,
             "test_acc": results["test"]["test/zeroshot_acc"], "best_val": info["best_value"], "best_step": info["best_step"],
             "steps": info["steps"], "wall_s": wall, "cpu_s": cpu}
+
+
+def recalls(rows: List[Dict]) -> str:
+    """Mean test recall per class over the rows that have it (rows from before the column: '-')."""
+    have = [r["test_recall"] for r in rows if r.get("test_recall")]
+    if not have:
+        return "-"
+    return " ".join(f"{c}={statistics.fmean(h[c] for h in have):.2f}" for c in sorted(have[0]))
 
 
 def table(rows: List[Dict], order: List[str]) -> str:
@@ -88,7 +139,7 @@ def table(rows: List[Dict], order: List[str]) -> str:
     for r in rows:
         by.setdefault(r["candidate"], []).append(r)
     names = [n for n in order if n in by] + sorted(n for n in by if n not in order)
-    head = f"{'candidate':<16}{'seeds':>6}  {'test bal. acc':>15}{'min':>7}{'max':>7}{'best step':>10}{'steps':>7}{'wall s':>8}{'CPU s':>8}{'CPU ms/step':>12}{'x preset':>9}"
+    head = f"{'candidate':<16}{'seeds':>6}  {'test bal. acc':>15}{'min':>7}{'max':>7}{'best step':>10}{'steps':>7}{'wall s':>8}{'CPU s':>8}{'CPU ms/step':>12}{'x preset':>9}  recall per class (test)"
     lines = [head, "-" * len(head)]
     ref = [r["cpu_s"] for r in by.get("preset", [])]
     ref_cpu = statistics.fmean(ref) if ref else float("nan")
@@ -99,7 +150,7 @@ def table(rows: List[Dict], order: List[str]) -> str:
         mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: E731
         lines.append(f"{n:<16}{len(rs):>6}  {statistics.fmean(accs):>7.4f} +- {std:.4f}{min(accs):>7.3f}{max(accs):>7.3f}"
                      f"{statistics.fmean(r['best_step'] or 0 for r in rs):>10.0f}{rs[0]['steps']:>7}{mean('wall_s'):>8.1f}"
-                     f"{mean('cpu_s'):>8.1f}{1000 * mean('cpu_s') / rs[0]['steps']:>12.1f}{mean('cpu_s') / ref_cpu:>9.2f}")
+                     f"{mean('cpu_s'):>8.1f}{1000 * mean('cpu_s') / rs[0]['steps']:>12.1f}{mean('cpu_s') / ref_cpu:>9.2f}  {recalls(rs)}")
     return "\n".join(lines)
 
 
