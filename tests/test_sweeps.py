@@ -167,6 +167,7 @@ def test_mlflow_server_lists_parent_and_children(sweep):
             server.kill()
 
 
+@pytest.mark.slow  # 2 Optuna trials as CLI jobs: 75 s on 1 core; the basic sweep, its parent run and summary stay in the default run
 def test_optuna_sweep_with_two_trials(tmp_path):
     res = clipexp(["hparams_search=optuna", *FAST, "hydra.sweeper.n_trials=2", f"tracking.uri={store_uri(tmp_path)}"], tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -178,6 +179,7 @@ def test_optuna_sweep_with_two_trials(tmp_path):
     assert len(results) == 1 and "best_value" in results[0].read_text()
 
 
+@pytest.mark.slow  # 2 joblib worker processes importing torch + MLflow: 85 s on 1 core
 def test_parallel_joblib_jobs_share_one_store(tmp_path):
     res = clipexp(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *FAST, "loss.temperature=0.03,0.07",
                    f"tracking.uri={store_uri(tmp_path)}"], tmp_path)
