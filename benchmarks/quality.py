@@ -46,6 +46,14 @@ if str(ROOT) not in sys.path:
 
 METRIC = "test/zeroshot_balanced_acc"
 
+# building blocks of the candidates below
+_WIDE = ["model.architecture.vision_hidden_size=128", "model.architecture.vision_heads=4",
+         "model.architecture.vision_intermediate_size=256"]   # the vision tower twice as wide
+_NO_ROT = ["domain.augmentation.rotation_degrees=0"]
+_240 = ["model.image_resolution=240", "model.architecture.patch_size=30"]
+_NATIVE = ["model.image_resolution=250", "model.architecture.patch_size=25"]
+_EMA = ["trainer.ema.decay=0.99", "trainer.monitor=ema/val/zeroshot_balanced_acc"]
+
 # name -> overrides on top of experiment=quickstart
 CANDIDATES: Dict[str, List[str]] = {
     # the quick start before this benchmark: industrial crop (area 0.85-1), 128 px, 16 px patches
@@ -56,32 +64,27 @@ CANDIDATES: Dict[str, List[str]] = {
     "lr2e-3": ["trainer.learning_rate=2e-3"],
     "lr5e-4": ["trainer.learning_rate=5e-4"],
     "1200_steps": ["trainer.max_steps=1200", "trainer.warmup_steps=60"],
-    "wide_vision": ["model.architecture.vision_hidden_size=128", "model.architecture.vision_heads=4",
-                    "model.architecture.vision_intermediate_size=256"],
+    "wide_vision": _WIDE,
     "fixed_T": ["loss.learnable_temp=false"],                         # T = 0.07 throughout
     # resolution: a local defect is a ~10 px salt-and-pepper speckle in the 250 px source; every resize blurs it
     "224px": ["model.image_resolution=224", "model.architecture.patch_size=28"],   # 64 tokens
-    "240px": ["model.image_resolution=240", "model.architecture.patch_size=30"],   # 64 tokens, ~native
-    "250px_p25": ["model.image_resolution=250", "model.architecture.patch_size=25"],  # native, 100 tokens
-    "no_rotation": ["domain.augmentation.rotation_degrees=0"],        # a rotation resamples (and so blurs) every pixel
-    "240px_no_rot": ["model.image_resolution=240", "model.architecture.patch_size=30", "domain.augmentation.rotation_degrees=0"],
-    "ema": ["trainer.ema.decay=0.99", "trainer.monitor=ema/val/zeroshot_balanced_acc"],
+    "240px": _240,                                                                # 64 tokens, ~native
+    "250px_p25": _NATIVE,                                                         # native, 100 tokens
+    "no_rotation": _NO_ROT,                                           # a rotation resamples (and so blurs) every pixel
+    "240px_no_rot": [*_240, *_NO_ROT],
+    "ema": _EMA,
     # on top of no rotation
-    "nr_1200": ["domain.augmentation.rotation_degrees=0", "trainer.max_steps=1200", "trainer.warmup_steps=60"],
-    "nr_lr2e-3": ["domain.augmentation.rotation_degrees=0", "trainer.learning_rate=2e-3"],
-    "nr_wide": ["domain.augmentation.rotation_degrees=0", "model.architecture.vision_hidden_size=128",
-                "model.architecture.vision_heads=4", "model.architecture.vision_intermediate_size=256"],
-    "nr_deep": ["domain.augmentation.rotation_degrees=0", "model.architecture.vision_layers=4"],
-    "nr_plain": ["domain.augmentation.rotation_degrees=0", "loss.multi_positive=false"],
+    "nr_1200": [*_NO_ROT, "trainer.max_steps=1200", "trainer.warmup_steps=60"],
+    "nr_lr2e-3": [*_NO_ROT, "trainer.learning_rate=2e-3"],
+    "nr_wide": [*_NO_ROT, *_WIDE],
+    "nr_deep": [*_NO_ROT, "model.architecture.vision_layers=4"],
+    "nr_plain": [*_NO_ROT, "loss.multi_positive=false"],
     # native resolution without rotation: no pixel is resampled (flips are exact), so the speckle survives
-    "n250_p25": ["model.image_resolution=250", "model.architecture.patch_size=25", "domain.augmentation.rotation_degrees=0"],
-    "n250_p50": ["model.image_resolution=250", "model.architecture.patch_size=50", "domain.augmentation.rotation_degrees=0"],
-    "n250_p25_wide": ["model.image_resolution=250", "model.architecture.patch_size=25", "domain.augmentation.rotation_degrees=0",
-                      "model.architecture.vision_hidden_size=128", "model.architecture.vision_heads=4",
-                      "model.architecture.vision_intermediate_size=256"],
-    "n250_p25_1800": ["model.image_resolution=250", "model.architecture.patch_size=25", "domain.augmentation.rotation_degrees=0",
-                      "trainer.max_steps=1800", "trainer.warmup_steps=90", "trainer.eval_steps=150"],
-    "nr_ema": ["domain.augmentation.rotation_degrees=0", "trainer.ema.decay=0.99", "trainer.monitor=ema/val/zeroshot_balanced_acc"],
+    "n250_p25": [*_NATIVE, *_NO_ROT],
+    "n250_p50": ["model.image_resolution=250", "model.architecture.patch_size=50", *_NO_ROT],
+    "n250_p25_wide": [*_NATIVE, *_NO_ROT, *_WIDE],
+    "n250_p25_1800": [*_NATIVE, *_NO_ROT, "trainer.max_steps=1800", "trainer.warmup_steps=90", "trainer.eval_steps=150"],
+    "nr_ema": [*_NO_ROT, *_EMA],
 }
 
 
