@@ -52,6 +52,7 @@ _WIDE = ["model.architecture.vision_hidden_size=128", "model.architecture.vision
 _NO_ROT = ["domain.augmentation.rotation_degrees=0"]
 _240 = ["model.image_resolution=240", "model.architecture.patch_size=30"]
 _NATIVE = ["model.image_resolution=250", "model.architecture.patch_size=25"]
+_NEAREST = ["model.image_interpolation=nearest"]
 _EMA = ["trainer.ema.decay=0.99", "trainer.monitor=ema/val/zeroshot_balanced_acc"]
 
 # name -> overrides on top of experiment=quickstart
@@ -85,6 +86,17 @@ CANDIDATES: Dict[str, List[str]] = {
     "n250_p25_wide": [*_NATIVE, *_NO_ROT, *_WIDE],
     "n250_p25_1800": [*_NATIVE, *_NO_ROT, "trainer.max_steps=1800", "trainer.warmup_steps=90", "trainer.eval_steps=150"],
     "nr_ema": [*_NO_ROT, *_EMA],
+    # nearest-neighbour resize: every output pixel is a source pixel, so the speckle survives the 250 -> 160 px
+    # downscale that bicubic's antialiasing averages away (a speckle-energy probe separates local defects
+    # from nominal images with AUROC 1.00 after a nearest resize, 0.48 after bicubic, 0.91 at 250 px)
+    "nearest": _NEAREST,
+    "nearest_no_rot": [*_NEAREST, *_NO_ROT],
+    "nn_1200": [*_NEAREST, "trainer.max_steps=1200", "trainer.warmup_steps=60"],
+    "nn_wide": [*_NEAREST, *_WIDE],
+    "nn_lr2e-3": [*_NEAREST, "trainer.learning_rate=2e-3"],
+    "nn_deep": [*_NEAREST, "model.architecture.vision_layers=4"],
+    "nn_ema": [*_NEAREST, *_EMA],
+    "nn_plain": [*_NEAREST, "loss.multi_positive=false"],
 }
 
 

@@ -52,7 +52,8 @@ def test_split(tmp: Path, uri: str, model: str | None):
 
     _, processor = load_clip(None, OmegaConf.to_container(cfg.model.architecture), cfg.model.image_resolution, cfg.model.max_sequence_length)
     data = build_datasets(OmegaConf.to_container(cfg.data, resolve=True), processor=processor, image_resolution=cfg.model.image_resolution,
-                          max_sequence_length=cfg.model.max_sequence_length, seed=cfg.seed)
+                          max_sequence_length=cfg.model.max_sequence_length, seed=cfg.seed,
+                          image_interpolation=cfg.model.image_interpolation)
     return model, data.test.image_paths
 
 

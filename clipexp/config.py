@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 from clipexp.schema import (  # noqa: F401 - the schemas and names are imported from here
     ACCUMULATION,
     CACHE_MODES,
+    INTERPOLATION_NAMES,
     CONF_DIR,
     DEVICES,
     DOMAINS,
@@ -72,6 +73,7 @@ _ge0 = (lambda v: v >= 0), "a number >= 0"
 
 RULES: Dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.image_resolution": _int_ge1,
+    "model.image_interpolation": _one_of(INTERPOLATION_NAMES),
     "model.gradient_checkpointing": ((lambda v: v is True or v is False or v in ("image", "text")), "true, false, image or text"),
     "model.max_sequence_length": _int_ge1,
     "domain.name": _one_of(DOMAINS),
@@ -225,6 +227,7 @@ def validate(cfg: Any) -> None:
 FLAT_TO_NESTED: Dict[str, str] = {
     "model_name": "model.name_or_path",
     "image_resolution": "model.image_resolution",
+    "image_interpolation": "model.image_interpolation",
     "max_sequence_length": "model.max_sequence_length",
     "domain": "domain.name",
     "learning_rate": "trainer.learning_rate",
@@ -279,6 +282,7 @@ class CLIPFinetuningConfig:
     max_steps: Optional[int] = None
     max_sequence_length: int = 77
     image_resolution: int = 224
+    image_interpolation: str = "bicubic"
     device: str = "auto"
     precision: str = "auto"
     use_mps: bool = True

@@ -3,7 +3,8 @@
 One place for the inference maths, shared by the MLflow pyfunc model (:mod:`clipexp.serving`), the batch
 tools (:mod:`clipexp.predict`) and the benchmark:
 
-* images: ``decode -> resize the shorter side (bicubic, antialiased) -> centre crop -> normalise``, i.e.
+* images: ``decode -> resize the shorter side (the run's interpolation: bicubic antialiased unless
+  ``model.image_interpolation`` said otherwise) -> centre crop -> normalise``, i.e.
   :func:`~clipexp.data.images.load_resized`, the eval :class:`~clipexp.data.ImageTransform` (uint8 out)
   and :class:`~clipexp.data.transforms.PixelNormalizer` with the run's mean/std: the trainer's
   validation/test pipeline, so the batch tools reproduce the run's logged zero-shot accuracy exactly;
@@ -30,7 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from clipexp.data.images import ImageDecodeError, channels_last, decode_image_bytes, decode_image_file, resize_shorter
+from clipexp.data.images import (ImageDecodeError, channels_last, decode_image_bytes, decode_image_file, interpolation_of_resample,
+                                 resize_shorter)
 from clipexp.data.transforms import DEFAULT_TEMPLATES, ImageTransform, PixelNormalizer
 from clipexp.evaluate import class_text_embeddings
 from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_features, text_features
@@ -52,6 +54,7 @@ class InferenceSpec:
     class_names: List[str] = field(default_factory=list)
     prompt_templates: List[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     image_resolution: int = 224
+    image_interpolation: str = "bicubic"  # the run's model.image_interpolation (the resize to image_resolution)
     image_mean: List[float] = field(default_factory=lambda: list(OPENAI_CLIP_MEAN))
     image_std: List[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     max_sequence_length: int = 77
@@ -114,7 +117,8 @@ class CLIPInference:
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size or spec.batch_size or 32)
         r = int(spec.image_resolution)
-        self.transform = ImageTransform(augment=False, resolution=r, mean=spec.image_mean, std=spec.image_std, output="uint8")
+        self.transform = ImageTransform(augment=False, resolution=r, mean=spec.image_mean, std=spec.image_std, output="uint8",
+                                        interpolation=spec.image_interpolation)
         self.normalize = PixelNormalizer(spec.image_mean, spec.image_std)
         self._class_embeds: Optional[torch.Tensor] = None
 
@@ -131,7 +135,9 @@ class CLIPInference:
         if spec is None:
             ip = processor.image_processor
             crop = getattr(ip, "crop_size", None) or {}
-            spec = InferenceSpec(image_resolution=int(crop.get("height", 224)), image_mean=list(ip.image_mean),
+            spec = InferenceSpec(image_resolution=int(crop.get("height", 224)),
+                                 image_interpolation=interpolation_of_resample(getattr(ip, "resample", 3)),
+                                 image_mean=list(ip.image_mean),
                                  image_std=list(ip.image_std),
                                  max_sequence_length=int(min(processor.tokenizer.model_max_length, 77)),
                                  temperature=zero_shot_temperature(None, model))
@@ -146,7 +152,7 @@ class CLIPInference:
         """One image (path, bytes or base64) -> the eval crop, uint8 ``[3, R, R]``; raises ImageDecodeError."""
         data, name = decode_source(source)
         decoded = decode_image_file(data) if isinstance(data, Path) else decode_image_bytes(data, name)
-        return self.transform(channels_last(resize_shorter(decoded, self.transform.resolution)))
+        return self.transform(channels_last(resize_shorter(decoded, self.transform.resolution, self.transform.interpolation)))
 
     def load_images(self, sources: Sequence[Any]) -> Tuple[List[Optional[torch.Tensor]], List[Optional[str]]]:
         """Each source's eval crop, or None and a one-line error naming the image."""

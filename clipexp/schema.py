@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SOURCES = ("csv", "json", "folder", "hf", "textile")
 ON_ERROR = ("raise", "skip")
 CACHE_MODES = ("auto", "memory", "disk", "none")
+INTERPOLATION_NAMES = ("bicubic", "bilinear", "nearest")  # clipexp.data.images.INTERPOLATIONS
 ACCUMULATION = ("plain", "exact")
 MONITOR_MODES = ("max", "min")
 
@@ -73,6 +74,9 @@ class ModelConfig:
     # Hub id or local directory; null together with ``architecture`` builds a random-weight CLIP.
     name_or_path: Optional[str] = "openai/clip-vit-base-patch32"
     image_resolution: int = 224
+    # the resize to image_resolution and the augmentation's warp: bicubic (antialiased, as CLIP's own
+    # processor) | bilinear | nearest (keeps source pixels: fine texture survives a downscale)
+    image_interpolation: str = "bicubic"
     max_sequence_length: int = 77
     architecture: Optional[ArchitectureConfig] = None
     gradient_checkpointing: Any = False  # true (both towers) | image | text | false

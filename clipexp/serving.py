@@ -110,7 +110,8 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
     mean, std = model_dir_mean_std(model_dir)
     spec = InferenceSpec(
         class_names=list(class_names), prompt_templates=list(cfg.domain.prompt_templates),
-        image_resolution=int(cfg.model.image_resolution), image_mean=mean, image_std=std,
+        image_resolution=int(cfg.model.image_resolution), image_interpolation=str(cfg.model.image_interpolation),
+        image_mean=mean, image_std=std,
         max_sequence_length=int(cfg.model.max_sequence_length), temperature=zero_shot_temperature(loss_fn, model),
         batch_size=int(eval_batch_size),
         run={"run_id": getattr(tracker, "run_id", None), "monitor": t.monitor, "best_value": best_value,

@@ -117,6 +117,7 @@ def build_data(cfg: Any, processor: Any):
         augmentation=OmegaConf.to_container(cfg.domain.augmentation, resolve=True),
         seed=cfg.seed,
         pixels="uint8",
+        image_interpolation=cfg.model.image_interpolation,
     )
 
 
@@ -135,7 +136,8 @@ def build_eval_data(cfg: Any, processor: Any) -> Optional[Tuple[str, Any, List[s
     if which == "all":  # every pair: built as a lone train split, with the evaluation transforms
         ev.update(train_split=1.0, val_split=0.0, test_split=0.0, augment_images=False, augment_text=False)
     splits = build_datasets(ev, processor=processor, image_resolution=cfg.model.image_resolution,
-                            max_sequence_length=cfg.model.max_sequence_length, prompt_templates=templates, seed=cfg.seed, pixels="uint8")
+                            max_sequence_length=cfg.model.max_sequence_length, prompt_templates=templates, seed=cfg.seed, pixels="uint8",
+                            image_interpolation=cfg.model.image_interpolation)
     dataset = splits.train if which == "all" else getattr(splits, which)
     if dataset is None or len(dataset) == 0:
         raise ConfigError(f"eval_data.{which}_split", ev.get(f"{which}_split"),

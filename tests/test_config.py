@@ -70,6 +70,7 @@ def test_trainer_keys_override(compose_cfg):
         (["domain.name=foo"], "clipexp: error: domain.name='foo' is invalid: one of general, medical, industrial, scientific"),
         (["trainer.foo=1"], "clipexp: error: Could not override 'trainer.foo'.: Key 'foo' not in 'TrainerConfig'"),
         (["data=csv"], "clipexp: error: data.path=None is invalid: a file or folder path is required for data.source=csv"),
+        (["model.image_interpolation=lanczos"], "clipexp: error: model.image_interpolation='lanczos' is invalid: one of bicubic, bilinear, nearest"),
     ],
 )
 def test_validation_errors_are_one_line_exit_2(run_cli, args, message):

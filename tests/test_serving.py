@@ -42,8 +42,10 @@ def run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    # nearest-neighbour resizing (not the default bicubic): every answer below also shows the run's
+    # interpolation travels with the model to the pyfunc model, the batch tools and the server
     cfg = compose_and_validate(["experiment=smoke", f"tracking.uri={uri}", "tracking.pyfunc_model=true",
-                                f"tracking.register_model={REGISTERED}"])
+                                f"tracking.register_model={REGISTERED}", "model.image_interpolation=nearest"])
     trainer = Trainer(cfg, tmp / "run")
     try:
         trainer.setup()
@@ -152,6 +154,33 @@ def test_pyfunc_zero_shot_and_similarity_match_the_trainer(run, pyfunc):
     expected = run["image"][:2] @ torch.stack([run["text"][0], run["text"][1]]).T  # the texts given: captions 0 and 1
     _close(scores, expected)
     assert sim["scores"][2] is None
+
+
+def test_the_runs_interpolation_travels_with_the_saved_model(run, tmp_path):
+    """The run resized with nearest: the saved spec says so, the saved image processor resamples with
+    PIL's NEAREST (code 0), and plain transformers' CLIPImageProcessor then gives the pixels the trainer
+    evaluated; a copy without clipexp's spec file still loads as nearest, from that processor."""
+    import shutil
+
+    from PIL import Image
+    from transformers import CLIPProcessor
+
+    from clipexp.inference import SPEC_FILE, CLIPInference
+
+    model_dir = run["out"] / "model"
+    assert json.loads((model_dir / SPEC_FILE).read_text())["image_interpolation"] == "nearest"
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    assert int(processor.image_processor.resample) == 0
+    inference = CLIPInference.from_pretrained(model_dir, device="cpu")
+    ours = inference.normalize(torch.stack([inference.load_image(p) for p in run["paths"][:4]]))
+    hf = processor.image_processor([Image.open(p).convert("RGB") for p in run["paths"][:4]], return_tensors="pt")["pixel_values"]
+    assert hf.shape == ours.shape
+    # the same uint8 pixels, normalised in float32 by two formulas: a few eps of the values' magnitude
+    assert float((hf - ours).abs().max()) <= 8 * torch.finfo(torch.float32).eps * float(hf.abs().max())
+    bare = tmp_path / "model"
+    shutil.copytree(model_dir, bare)
+    (bare / SPEC_FILE).unlink()
+    assert CLIPInference.from_pretrained(bare, device="cpu").spec.image_interpolation == "nearest"
 
 
 # -------------------------------------------------------------------------------- batch tools

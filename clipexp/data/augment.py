@@ -10,6 +10,8 @@ of the three, in a random order: the two agree except for pixels pushed past whi
 ~0.3 ms per image (the warp 0.12 ms of it) against ~3 ms for the same policy in torchvision.transforms.v2
 (measured on the 2-core dev box; see ``benchmarks/throughput.py``). A crop more than 4/3 larger than R
 along a side (wide or tall images) is first shrunk with ``INTER_AREA``, the anti-aliased reduction.
+With ``interpolation="nearest"`` (``model.image_interpolation``) the warp and that shrink are
+``INTER_NEAREST`` instead: every output pixel is a source pixel, so fine texture is not averaged away.
 
 :class:`~clipexp.data.ImageTransform` draws the :class:`AugmentParams` (torchvision's distributions,
 :func:`random_crop`) and applies them with :func:`warp` and :func:`jitter`.
@@ -116,16 +118,20 @@ def random_crop(height: int, width: int, scale_min: float, u: Iterator[float]) -
 
 
 
-def warp(src: np.ndarray, p: AugmentParams, r: int) -> np.ndarray:
+def warp(src: np.ndarray, p: AugmentParams, r: int, interpolation: str = "bicubic") -> np.ndarray:
     """Crop box -> ``r`` x ``r``, flips and rotation: one bilinear affine warp of an ``[H, W, C]`` array
-    (a plain copy for an eval crop; ``INTER_AREA`` first for a large shrink)."""
+    (a plain copy for an eval crop; ``INTER_AREA`` first for a large shrink). ``interpolation="nearest"``:
+    nearest-neighbour warp and shrink; any other name (the resize's bicubic or bilinear): as described."""
     cv2 = _cv2()
+    nearest = interpolation == "nearest"
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     sx, sy = r / p.width, r / p.height
     rotate_or_flip = p.angle != 0.0 or p.hflip or p.vflip
     if (sx, sy) == (1.0, 1.0) and not rotate_or_flip:  # a plain crop (eval): a copy of the box
         return np.ascontiguousarray(src[p.top : p.top + r, p.left : p.left + r])
     if min(sx, sy) < _MIN_SCALE_WITHOUT_AREA:  # shrink the box with anti-aliasing first, then warp r x r
-        src = cv2.resize(src[p.top : p.top + p.height, p.left : p.left + p.width], (r, r), interpolation=cv2.INTER_AREA)
+        src = cv2.resize(src[p.top : p.top + p.height, p.left : p.left + p.width], (r, r),
+                         interpolation=cv2.INTER_NEAREST_EXACT if nearest else cv2.INTER_AREA)
         if not rotate_or_flip:
             return src
         scale = np.eye(3)
@@ -139,10 +145,10 @@ def warp(src: np.ndarray, p: AugmentParams, r: int) -> np.ndarray:
         # OpenCV's bilinear warp has a SIMD path for 4-channel uint8 and none for 3: padding to RGBA,
         # warping and dropping the pad is 2.5x faster (224 px: 0.10 + 0.01 ms against 0.24 ms),
         # with bit-identical RGB (each channel is interpolated on its own)
-        out = cv2.warpAffine(cv2.cvtColor(src, cv2.COLOR_RGB2RGBA), m, (r, r), flags=cv2.INTER_LINEAR,
+        out = cv2.warpAffine(cv2.cvtColor(src, cv2.COLOR_RGB2RGBA), m, (r, r), flags=flags,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
         return cv2.cvtColor(out, cv2.COLOR_RGBA2RGB)
-    return cv2.warpAffine(src, m, (r, r), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    return cv2.warpAffine(src, m, (r, r), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 def jitter(img: np.ndarray, p: AugmentParams) -> np.ndarray:
     """Brightness, contrast and saturation of ``p`` as one colour matrix (uint8 saturating, float clipped to [0, 1])."""

@@ -16,7 +16,7 @@ Modes
             ``memory_mb`` caps it: beyond the cap images are simply decoded each time.
 ``disk``    one file per image (``<sha1>.u8``: a 16-byte header + raw ``H x W x 3`` pixels) in ``cache_dir``
             (default ``$CLIPEXP_CACHE_DIR`` or ``./.clipexp_cache``), ``images/r<resolution>/``
-            below it. Written atomically, so several workers may fill it at once; it survives runs.
+            below it (``r<resolution>-<interpolation>/`` for an interpolation other than bicubic). Written atomically, so several workers may fill it at once; it survives runs.
             Stale entries of changed files are never read again (delete the folder to reclaim space).
 ``none``    decode every time.
 ``auto``    ``memory`` when the estimated size (images x 3 x R x R x mean aspect, the aspect
@@ -35,7 +35,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from clipexp.data.images import image_size, load_resized
+from clipexp.data.images import RESIZE_INTERPOLATION, check_interpolation, image_size, load_resized
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +79,22 @@ class ImageCache:
         resolution: int = 224,
         cache_dir: Optional[Union[str, Path]] = None,
         memory_mb: Optional[float] = None,
+        *,
+        interpolation: str = RESIZE_INTERPOLATION,
     ):
         if mode not in MODES:
             raise ValueError(f"cache mode {mode!r} is invalid: one of {', '.join(MODES)}")
         self.mode = mode  # "auto" until prepare(paths) picks memory or none; behaves as capped memory meanwhile
         self.resolution = int(resolution)
+        self.interpolation = check_interpolation(interpolation)  # the resize's (load_resized)
         if mode == "auto" and memory_mb is None:
             memory_mb = 2048
         self.memory_mb = memory_mb
         self.memory_limit = None if memory_mb is None else int(memory_mb * 2**20)
         self.dir: Optional[Path] = None
         if mode == "disk":
-            self.dir = Path(cache_dir or default_cache_dir()) / "images" / f"r{self.resolution}"
+            sub = f"r{self.resolution}" + ("" if self.interpolation == RESIZE_INTERPOLATION else f"-{self.interpolation}")
+            self.dir = Path(cache_dir or default_cache_dir()) / "images" / sub
             self.dir.mkdir(parents=True, exist_ok=True)
         self._mem: Dict[str, Tuple[int, int, Tensor]] = {}
         self._bytes = 0
@@ -109,9 +113,11 @@ class ImageCache:
         resolution: int,
         memory_mb: float = 2048,
         cache_dir: Optional[Union[str, Path]] = None,
+        interpolation: str = RESIZE_INTERPOLATION,
     ) -> "ImageCache":
         """Build a cache and resolve ``auto`` for these paths (see :meth:`prepare`)."""
-        return cls(mode, resolution, cache_dir, memory_mb if mode in ("memory", "auto") else None).prepare(paths)
+        return cls(mode, resolution, cache_dir, memory_mb if mode in ("memory", "auto") else None,
+                   interpolation=interpolation).prepare(paths)
 
     def prepare(self, paths: Sequence[Union[str, Path]]) -> "ImageCache":
         """Resolve ``auto``: memory when the estimate for ``paths`` fits ``memory_mb``, else none."""
@@ -139,18 +145,18 @@ class ImageCache:
     def get(self, path: Union[str, Path]) -> Tensor:
         """The resized uint8 image of ``path`` (decoded on a miss; raises ImageDecodeError)."""
         if self.mode == "none":
-            return load_resized(path, self.resolution)
+            return load_resized(path, self.resolution, self.interpolation)
         key = os.path.abspath(path)
         try:
             size, mtime = _stat_key(key)
         except OSError:
-            return load_resized(path, self.resolution)  # raises the proper "not found" reason
+            return load_resized(path, self.resolution, self.interpolation)  # raises the proper "not found" reason
         if self.mode in ("memory", "auto"):
             hit = self._mem.get(key)
             if hit is not None and hit[0] == size and hit[1] == mtime:
                 self.hits += 1
                 return hit[2]
-            img = load_resized(path, self.resolution)
+            img = load_resized(path, self.resolution, self.interpolation)
             self.misses += 1
             self._store(key, size, mtime, img, replaced=hit)
             return img
@@ -159,7 +165,7 @@ class ImageCache:
         if img is not None:
             self.hits += 1
             return img
-        img = load_resized(path, self.resolution)
+        img = load_resized(path, self.resolution, self.interpolation)
         self.misses += 1
         self._write(f, img)
         return img
@@ -221,7 +227,8 @@ class ImageCache:
 
     def __repr__(self) -> str:
         where = f", dir={self.dir}" if self.dir else ""
-        return f"ImageCache(mode={self.mode!r}, resolution={self.resolution}, entries={len(self)}{where})"
+        return (f"ImageCache(mode={self.mode!r}, resolution={self.resolution}, interpolation={self.interpolation!r}, "
+                f"entries={len(self)}{where})")
 
     # --- pickling (spawn-started DataLoader workers): one shared buffer instead of 1 tensor/image ---
     def __getstate__(self):

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from clipexp.data.cache import ImageCache
-from clipexp.data.images import ImageDecodeError, load_resized
+from clipexp.data.images import RESIZE_INTERPOLATION, ImageDecodeError, check_interpolation, load_resized
 from clipexp.data.pairs import ImageTextPair, caption_group_ids, class_names_of
 from clipexp.data.split import SPLITS, check_split_sizes, split_pairs
 from clipexp.data.text import warn_long_captions
@@ -127,6 +127,10 @@ class CLIPDataset(Dataset):
             mean, std = processor_mean_std(processor)
             image_transform = ImageTransform(config, augment=False, resolution=self.resolution, mean=mean, std=std)
         self.image_transform = image_transform
+        # the resize's interpolation: the transform's (a foreign transform: the config's, else bicubic)
+        self.interpolation = check_interpolation(
+            getattr(image_transform, "interpolation", None) or getattr(config, "image_interpolation", None)
+            or RESIZE_INTERPOLATION)
         self._random_image = bool(getattr(image_transform, "is_random", True))
         # clipexp's transforms draw from a generator passed in (no global RNG state to save and restore)
         self._generator_transform = isinstance(image_transform, (ImageTransform, MultiResolutionImageTransform))
@@ -150,10 +154,13 @@ class CLIPDataset(Dataset):
         self._tokenize()
 
         if isinstance(cache, str):
-            cache = ImageCache(cache, self.resolution)
+            cache = ImageCache(cache, self.resolution, interpolation=self.interpolation)
             cache.prepare(self.image_paths)
         if cache is not None and cache.mode != "none" and cache.resolution != self.resolution:
             raise ValueError(f"the image cache holds {cache.resolution}px images but this dataset loads {self.resolution}px")
+        if cache is not None and cache.mode != "none" and cache.interpolation != self.interpolation:
+            raise ValueError(f"the image cache holds images resized with {cache.interpolation!r} interpolation but this "
+                             f"dataset resizes with {self.interpolation!r}")
         self.cache = cache if cache is not None and cache.mode != "none" else None
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
 
@@ -214,7 +221,7 @@ class CLIPDataset(Dataset):
         try:
             if self.cache is not None:
                 return self.cache.get(pair.image_path)
-            return load_resized(pair.image_path, self.resolution)
+            return load_resized(pair.image_path, self.resolution, self.interpolation)
         except ImageDecodeError as err:
             problem = Problem(pair.source or str(pair.image_path), f"image '{pair.image_path}' {err.reason}")
             raise DataValidationError(
@@ -331,6 +338,7 @@ def build_datasets(
     augmentation: Optional[Mapping[str, Any]] = None,
     seed: int = 0,
     pixels: str = "float",
+    image_interpolation: str = RESIZE_INTERPOLATION,
 ) -> DataSplits:
     """Load, validate, split and wrap a source (``data_cfg``: the keys of ``DataConfig``).
 
@@ -340,6 +348,7 @@ def build_datasets(
     val/test use the eval transforms. Pairs with several captions make the train set a
     :class:`MultiCaptionCLIPDataset`. ``pixels="uint8"`` (the trainer's choice) leaves the images uint8
     for the batch to be normalised on its device (``splits.train.image_transform.normalizer``).
+    ``image_interpolation`` (``model.image_interpolation``) is the resize's and the augmentation's.
     """
     from clipexp.data.loaders import read_source
 
@@ -349,6 +358,7 @@ def build_datasets(
         image_resolution,
         cache_dir=_get(data_cfg, "cache_dir"),
         memory_mb=_get(data_cfg, "cache_memory_mb", 2048),
+        interpolation=image_interpolation,
     )
     pairs, problems = read_source(data_cfg, templates, seed=seed, cache=cache)
     ratios = [_get(data_cfg, f"{name}_split", default) for name, default in zip(SPLITS, (0.8, 0.1, 0.1))]
@@ -356,7 +366,7 @@ def build_datasets(
     check_split_sizes(pairs, (train_p, val_p, test_p), ratios)
     class_names = class_names_of(pairs)
     mean, std = processor_mean_std(processor)
-    common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels)
+    common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels, interpolation=image_interpolation)
     train_tf = ImageTransform(augment=bool(_get(data_cfg, "augment_images", True)), policy=augmentation, **common)
     eval_tf = ImageTransform(augment=False, **common)
     train_tt = TextTransform(processor, max_sequence_length, templates, augment=bool(_get(data_cfg, "augment_text", False)))

@@ -29,8 +29,34 @@ from torchvision.transforms.v2 import functional as TF
 
 Tensor = torch.Tensor
 
-#: Interpolation of the cacheable resize: bicubic + antialias, as CLIP's own image processor.
-RESIZE_INTERPOLATION = InterpolationMode.BICUBIC
+#: The interpolations a run can resize with (``model.image_interpolation``). ``bicubic`` (the default)
+#: and ``bilinear`` are antialiased, as CLIP's own image processor; ``nearest`` keeps source pixels as
+#: they are (``NEAREST_EXACT``: the source pixel under each output pixel's centre, as PIL's ``NEAREST``),
+#: so fine high-frequency texture (a textile's salt-and-pepper defect) survives a downscale that an
+#: antialiasing filter averages away.
+INTERPOLATIONS = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST_EXACT,
+}
+#: The same names as PIL resampling codes (``CLIPImageProcessor.resample``): 0 NEAREST, 2 BILINEAR, 3 BICUBIC
+PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+#: The default interpolation: bicubic + antialias, as CLIP's own image processor.
+RESIZE_INTERPOLATION = "bicubic"
+
+
+def check_interpolation(name: str) -> str:
+    """``name`` if it is one of :data:`INTERPOLATIONS`, else a ValueError naming the choices."""
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"image interpolation {name!r} is invalid: one of {', '.join(INTERPOLATIONS)}")
+    return name
+
+
+def interpolation_of_resample(resample) -> str:
+    """The interpolation name of a PIL resampling code (a saved image processor's ``resample``); codes
+    with no name here (LANCZOS, BOX, HAMMING) read as ``bicubic``, the closest antialiased filter."""
+    code = int(getattr(resample, "value", resample))
+    return next((name for name, c in PIL_RESAMPLE.items() if c == code), "bicubic")
 
 
 class ImageDecodeError(ValueError):
@@ -145,12 +171,14 @@ def decode_image_bytes(data: Union[bytes, bytearray], name: Union[str, Path] = "
     return _decode_pil(im, path)
 
 
-def resize_shorter(image: Tensor, resolution: int) -> Tensor:
-    """Resize a uint8 ``[3, H, W]`` tensor so its shorter side is ``resolution`` (no-op when it is)."""
+def resize_shorter(image: Tensor, resolution: int, interpolation: str = RESIZE_INTERPOLATION) -> Tensor:
+    """Resize a uint8 ``[3, H, W]`` tensor so its shorter side is ``resolution`` (no-op when it is), with
+    ``interpolation`` (one of :data:`INTERPOLATIONS`; bicubic and bilinear antialiased)."""
     h, w = image.shape[-2:]
     if min(h, w) == resolution:
         return image
-    return TF.resize(image, [resolution], interpolation=RESIZE_INTERPOLATION, antialias=True)
+    mode = INTERPOLATIONS[check_interpolation(interpolation)]
+    return TF.resize(image, [resolution], interpolation=mode, antialias=mode != InterpolationMode.NEAREST_EXACT)
 
 
 def channels_last(image: Tensor) -> Tensor:
@@ -159,10 +187,10 @@ def channels_last(image: Tensor) -> Tensor:
     return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
-def load_resized(path: Union[str, Path], resolution: int) -> Tensor:
+def load_resized(path: Union[str, Path], resolution: int, interpolation: str = RESIZE_INTERPOLATION) -> Tensor:
     """Decode + resize shorter side: the cacheable step. uint8 ``[3, H, W]`` with ``min(H, W) == resolution``,
     channels-last memory (see :func:`channels_last`)."""
-    return channels_last(resize_shorter(decode_image_file(path), resolution))
+    return channels_last(resize_shorter(decode_image_file(path), resolution, interpolation))
 
 
 def image_size(path: Union[str, Path]):

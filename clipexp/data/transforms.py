@@ -38,7 +38,7 @@ import torch
 from torchvision.transforms import v2
 
 from clipexp.data.augment import GRAY_WEIGHTS, AugmentParams, _hwc, center_crop_box, color_matrix, jitter, random_crop, warp
-from clipexp.data.images import resize_shorter
+from clipexp.data.images import RESIZE_INTERPOLATION, check_interpolation, resize_shorter
 from clipexp.data.normalize import PixelNormalizer
 from clipexp.data.text import DEFAULT_TEMPLATES, TextTransform, get_tokenizer
 from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -54,6 +54,9 @@ Tensor = torch.Tensor
 
 DEFAULT_POLICY: Dict[str, Any] = dict(crop_scale_min=0.9, hflip=False, vflip=False, rotation_degrees=0.0, color_jitter=0.0)
 OUTPUTS = ("float", "uint8")
+# a float image's resize (uint8 goes through resize_shorter): bilinear as before for the antialiased names
+_V2_MODES = {"bicubic": v2.InterpolationMode.BILINEAR, "bilinear": v2.InterpolationMode.BILINEAR,
+             "nearest": v2.InterpolationMode.NEAREST_EXACT}
 _DRAWS = 4 * 10 + 6  # uniform numbers one draw may use: 10 crop tries x 4, 2 flips, angle, 3 colour factors
 
 
@@ -122,7 +125,9 @@ class ImageTransform:
 
     ``ImageTransform(config, augment=True)`` takes ``config.image_resolution`` and the policy of
     ``config.domain``; keywords override: ``resolution``, ``mean``/``std`` (or ``processor``, whose
-    image processor gives them), ``policy`` (an ``AugmentationConfig`` or mapping), ``output``.
+    image processor gives them), ``policy`` (an ``AugmentationConfig`` or mapping), ``output``,
+    ``interpolation`` (``config.image_interpolation``, else bicubic: see :data:`~clipexp.data.images.INTERPOLATIONS`),
+    used by the resize and the augmentation's warp.
     ``sample(height, width)`` draws an :class:`AugmentParams`; ``apply(image, params)`` applies one.
     """
 
@@ -137,8 +142,11 @@ class ImageTransform:
         policy: Any = None,
         processor: Any = None,
         output: str = "float",
+        interpolation: Optional[str] = None,
     ):
         self.resolution = int(resolution or getattr(config, "image_resolution", None) or 224)
+        self.interpolation = check_interpolation(
+            interpolation or getattr(config, "image_interpolation", None) or RESIZE_INTERPOLATION)
         if processor is not None and (mean is None or std is None):
             pm, ps = processor_mean_std(processor)
             mean, std = mean or pm, std or ps
@@ -195,7 +203,7 @@ class ImageTransform:
         """Apply ``params`` to a resized ``[3, H, W]`` image (uint8, or float in [0, 1]); same dtype, ``[3, R, R]``."""
         r = self.resolution
         src = _hwc(image)
-        out = warp(src, params, r)
+        out = warp(src, params, r, self.interpolation)
         if params.jitters:
             out = jitter(out, params)
         return torch.from_numpy(out).permute(2, 0, 1)
@@ -207,9 +215,10 @@ class ImageTransform:
             t = t.float()
         if min(t.shape[-2:]) != self.resolution:
             if t.dtype == torch.uint8:
-                t = resize_shorter(t, self.resolution)
+                t = resize_shorter(t, self.resolution, self.interpolation)
             else:
-                t = v2.functional.resize(t, [self.resolution], antialias=True)
+                t = v2.functional.resize(t, [self.resolution], antialias=self.interpolation != "nearest",
+                                         interpolation=_V2_MODES[self.interpolation])
         out = self.apply(t, self.sample(*t.shape[-2:], generator=generator))
         if self.output == "uint8":
             return out if out.dtype == torch.uint8 else out.mul(255).round_().clamp_(0, 255).to(torch.uint8)
@@ -220,7 +229,8 @@ class ImageTransform:
         return ((out - mean) / std).contiguous()
 
     def __repr__(self) -> str:
-        return f"ImageTransform(resolution={self.resolution}, augment={self.augment}, policy={self.policy}, output={self.output!r})"
+        return (f"ImageTransform(resolution={self.resolution}, augment={self.augment}, policy={self.policy}, "
+                f"output={self.output!r}, interpolation={self.interpolation!r})")
 
 
 class MultiResolutionImageTransform:

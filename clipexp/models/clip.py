@@ -66,10 +66,13 @@ def build_tokenizer(max_sequence_length: int = 77):
     return tok
 
 
-def build_processor(image_resolution: int, max_sequence_length: int):
+def build_processor(image_resolution: int, max_sequence_length: int, resample: int = 3):
+    """A CLIPProcessor for a built model: CLIP's image processor at ``image_resolution`` (PIL ``resample``
+    code: 3 bicubic, as CLIP's; 2 bilinear; 0 nearest) and the generated tokenizer."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
     image_processor = CLIPImageProcessor(
+        resample=resample,
         size={"shortest_edge": image_resolution},
         crop_size={"height": image_resolution, "width": image_resolution},
         image_mean=list(OPENAI_CLIP_MEAN),
@@ -129,8 +132,12 @@ def load_clip(
     architecture: Optional[Union[Mapping[str, Any], Any]] = None,
     image_resolution: int = 224,
     max_sequence_length: int = 77,
+    image_interpolation: Optional[str] = None,
 ) -> Tuple[nn.Module, Any]:
     """Return ``(CLIPModel, CLIPProcessor)``.
+
+    ``image_interpolation`` (``model.image_interpolation``; None keeps the processor's own) becomes the
+    image processor's ``resample``, so a saved ``model/`` resizes as the run did in plain transformers too.
 
     ``name_or_path``: a hub id (``openai/clip-vit-base-patch32``), a local ``save_pretrained``
     directory, or a clipexp run folder (its ``model/`` is loaded). ``None`` with ``architecture`` builds a random-weight CLIP and a generated tokenizer.
@@ -138,8 +145,10 @@ def load_clip(
     if name_or_path is None:
         if architecture is None:
             raise ModelLoadError("model.name_or_path is null and no model.architecture is set; use model=tiny or a hub id")
+        from clipexp.data.images import PIL_RESAMPLE
+
         model = build_model(architecture, image_resolution, max_sequence_length)  # weights follow the caller's seed
-        return model, build_processor(image_resolution, max_sequence_length)
+        return model, build_processor(image_resolution, max_sequence_length, PIL_RESAMPLE[image_interpolation or "bicubic"])
 
     from transformers import CLIPModel, CLIPProcessor
 
@@ -160,6 +169,10 @@ def load_clip(
         ) from None
     if max_sequence_length:
         processor.tokenizer.model_max_length = max_sequence_length
+    if image_interpolation is not None:
+        from clipexp.data.images import PIL_RESAMPLE
+
+        processor.image_processor.resample = PIL_RESAMPLE[image_interpolation]
     return model, processor
 
 

@@ -116,3 +116,20 @@ def test_dataset_rejects_a_cache_of_another_resolution(csv: Path, processor):
         CLIPDataset(DatasetLoader.from_csv(csv), processor, cache=ImageCache("memory", 64))
     ds = CLIPDataset(DatasetLoader.from_csv(csv), processor, cache="auto")
     assert ds.cache is not None and ds.cache.mode == "memory"
+
+
+def test_interpolation_has_its_own_disk_folder_and_must_match_the_dataset(csv: Path, image_root: Path, processor, cache_dir: Path):
+    """Nearest and bicubic resizes of one file are different images: a disk cache keeps them apart
+    (``r32-nearest/`` beside ``r32/``), and a dataset refuses a cache filled with the other one."""
+    path = image_root / "a.jpg"  # 48 x 40: resized to 32 x 38
+    bicubic, nearest = ImageCache("disk", 32, cache_dir=cache_dir), ImageCache("disk", 32, cache_dir=cache_dir, interpolation="nearest")
+    a, b = bicubic.get(path), nearest.get(path)
+    assert torch.equal(a, load_resized(path, 32)) and torch.equal(b, load_resized(path, 32, "nearest")) and not torch.equal(a, b)
+    assert [len(list((cache_dir / "images" / sub).rglob("*.u8"))) for sub in ("r32", "r32-nearest")] == [1, 1]
+    assert "interpolation='nearest'" in repr(nearest)
+    pairs = DatasetLoader.from_csv(csv)
+    tf = ImageTransform(resolution=32, interpolation="nearest")
+    ds = CLIPDataset(pairs, processor, image_transform=tf, cache=ImageCache("memory", 32, interpolation="nearest"))
+    assert ds.interpolation == "nearest" and torch.equal(ds[0]["pixel_values"], tf(load_resized(path, 32, "nearest")))
+    with pytest.raises(ValueError, match="the image cache holds images resized with 'bicubic' interpolation but this dataset resizes with 'nearest'"):
+        CLIPDataset(pairs, processor, image_transform=tf, cache=ImageCache("memory", 32))

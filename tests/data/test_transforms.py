@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -271,3 +272,41 @@ def test_max_length_defaults_to_the_tokenizer(processor):
     assert TextTransform(processor).max_length == 16
     with pytest.raises(TypeError):
         ImageTransform(resolution=8)("not an image")
+
+
+# ------------------------------------------------------------------------- model.image_interpolation
+def test_nearest_resize_is_pils_nearest_and_keeps_source_pixels():
+    """``nearest`` picks the source pixel under each output pixel's centre (PIL's NEAREST, exactly), so an
+    isolated one-pixel speckle keeps its full value where bicubic's antialiasing spreads and dims it."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 50, 75), dtype=torch.uint8, generator=g)
+    out = resize_shorter(img, 32, "nearest")
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((48, 32), Image.NEAREST)
+    assert out.shape == (3, 32, 48) and torch.equal(out.permute(1, 2, 0), torch.from_numpy(np.array(pil)))
+    speckle = torch.zeros(3, 250, 250, dtype=torch.uint8)
+    speckle[:, 125, 125] = 255  # under output pixel (80, 80) of a 160 px nearest resize: 125 = floor((80 + 0.5) * 250 / 160)
+    assert int(resize_shorter(speckle, 160, "nearest").max()) == 255
+    assert int(resize_shorter(speckle, 160, "bicubic").max()) < 160  # averaged with its black surroundings
+
+
+def test_interpolation_reaches_the_resize_and_the_augmentation_warp():
+    cfg = CLIPFinetuningConfig(image_resolution=16, image_interpolation="nearest")
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=g)
+    source_values = {tuple(v) for v in img.reshape(3, -1).T.tolist()}
+    eval_tf = ImageTransform(cfg, output="uint8")
+    assert eval_tf.interpolation == "nearest" and "interpolation='nearest'" in repr(eval_tf)
+    out = eval_tf(img)
+    assert torch.equal(out, resize_shorter(img, 16, "nearest"))
+    train_tf = ImageTransform(cfg, augment=True, output="uint8",
+                              policy=dict(crop_scale_min=0.5, hflip=True, vflip=True, rotation_degrees=0.0))
+    for seed in range(5):  # random crops, rescaled and flipped: still only the source's colours
+        out = train_tf(img, generator=torch.Generator().manual_seed(seed))
+        assert {tuple(v) for v in out.reshape(3, -1).T.tolist()} <= source_values
+    bicubic = ImageTransform(resolution=16, output="uint8")
+    assert bicubic.interpolation == "bicubic" and not torch.equal(bicubic(img), out)
+
+
+def test_unknown_interpolation_is_one_clear_error():
+    with pytest.raises(ValueError, match="image interpolation 'lanczos' is invalid: one of bicubic, bilinear, nearest"):
+        ImageTransform(resolution=16, interpolation="lanczos")
