@@ -172,13 +172,14 @@ def decode_image_bytes(data: Union[bytes, bytearray], name: Union[str, Path] = "
 
 
 def resize_shorter(image: Tensor, resolution: int, interpolation: str = RESIZE_INTERPOLATION) -> Tensor:
-    """Resize a uint8 ``[3, H, W]`` tensor so its shorter side is ``resolution`` (no-op when it is), with
-    ``interpolation`` (one of :data:`INTERPOLATIONS`; bicubic and bilinear antialiased)."""
+    """Resize a ``[3, H, W]`` tensor (uint8, or float in [0, 1]) so its shorter side is ``resolution``
+    (no-op when it is), with ``interpolation`` (one of :data:`INTERPOLATIONS`; bicubic and bilinear antialiased)."""
     h, w = image.shape[-2:]
     if min(h, w) == resolution:
         return image
     mode = INTERPOLATIONS[check_interpolation(interpolation)]
-    return TF.resize(image, [resolution], interpolation=mode, antialias=mode != InterpolationMode.NEAREST_EXACT)
+    out = TF.resize(image, [resolution], interpolation=mode, antialias=mode != InterpolationMode.NEAREST_EXACT)
+    return out.clamp_(0.0, 1.0) if out.is_floating_point() else out  # bicubic overshoots; uint8 saturates already
 
 
 def channels_last(image: Tensor) -> Tensor:

@@ -54,9 +54,6 @@ Tensor = torch.Tensor
 
 DEFAULT_POLICY: Dict[str, Any] = dict(crop_scale_min=0.9, hflip=False, vflip=False, rotation_degrees=0.0, color_jitter=0.0)
 OUTPUTS = ("float", "uint8")
-# a float image's resize (uint8 goes through resize_shorter): bilinear as before for the antialiased names
-_V2_MODES = {"bicubic": v2.InterpolationMode.BILINEAR, "bilinear": v2.InterpolationMode.BILINEAR,
-             "nearest": v2.InterpolationMode.NEAREST_EXACT}
 _DRAWS = 4 * 10 + 6  # uniform numbers one draw may use: 10 crop tries x 4, 2 flips, angle, 3 colour factors
 
 
@@ -214,11 +211,7 @@ class ImageTransform:
         if t.dtype not in (torch.uint8, torch.float32):
             t = t.float()
         if min(t.shape[-2:]) != self.resolution:
-            if t.dtype == torch.uint8:
-                t = resize_shorter(t, self.resolution, self.interpolation)
-            else:
-                t = v2.functional.resize(t, [self.resolution], antialias=self.interpolation != "nearest",
-                                         interpolation=_V2_MODES[self.interpolation])
+            t = resize_shorter(t, self.resolution, self.interpolation)
         out = self.apply(t, self.sample(*t.shape[-2:], generator=generator))
         if self.output == "uint8":
             return out if out.dtype == torch.uint8 else out.mul(255).round_().clamp_(0, 255).to(torch.uint8)
