@@ -97,6 +97,9 @@ CANDIDATES: Dict[str, List[str]] = {
     "nn_deep": [*_NEAREST, "model.architecture.vision_layers=4"],
     "nn_ema": [*_NEAREST, *_EMA],
     "nn_plain": [*_NEAREST, "loss.multi_positive=false"],
+    # small patches: 256 tokens instead of 64 (about 4x the step), to test whether patch size is the limit
+    "nn_p10": [*_NEAREST, "model.architecture.patch_size=10"],
+    "nn_128_p8": [*_NEAREST, "model.image_resolution=128", "model.architecture.patch_size=8"],
 }
 
 
