@@ -87,8 +87,8 @@ CANDIDATES: Dict[str, List[str]] = {
     "n250_p25_1800": [*_NATIVE, *_NO_ROT, "trainer.max_steps=1800", "trainer.warmup_steps=90", "trainer.eval_steps=150"],
     "nr_ema": [*_NO_ROT, *_EMA],
     # nearest-neighbour resize: every output pixel is a source pixel, so the speckle survives the 250 -> 160 px
-    # downscale that bicubic's antialiasing averages away (a speckle-energy probe separates local defects
-    # from nominal images with AUROC 1.00 after a nearest resize, 0.48 after bicubic, 0.91 at 250 px)
+    # downscale that bicubic's antialiasing averages away (benchmarks/speckle_probe.py: a speckle-energy score
+    # separates local defects from nominal images with AUROC 0.89 after a nearest resize, 0.50 after bicubic)
     "nearest": _NEAREST,
     "nearest_no_rot": [*_NEAREST, *_NO_ROT],
     "nn_1200": [*_NEAREST, "trainer.max_steps=1200", "trainer.warmup_steps=60"],

@@ -60,17 +60,17 @@ def main(argv=None) -> None:
         m = cv2.getRotationMatrix2D(((r - 1) / 2, (r - 1) / 2), 10.0, 1.0)
         return cv2.warpAffine(img, m, (r, r), flags=flags, borderMode=cv2.BORDER_REFLECT)
 
-    def nearest(t: torch.Tensor) -> np.ndarray:
-        return resize_shorter(t[None].expand(3, -1, -1), r, "nearest")[0].numpy()
+    def resized(t: torch.Tensor, interpolation: str) -> np.ndarray:  # clipexp's resize of a grey [H, W] image
+        return resize_shorter(t[None], r, interpolation)[0].numpy()
 
     resizes = {
         "native (no resize)": lambda t: t.numpy(),
-        "bicubic (antialiased)": lambda t: resize_shorter(t[None].expand(3, -1, -1), r, "bicubic")[0].numpy(),
-        "bilinear (antialiased)": lambda t: resize_shorter(t[None].expand(3, -1, -1), r, "bilinear")[0].numpy(),
+        "bicubic (antialiased)": lambda t: resized(t, "bicubic"),
+        "bilinear (antialiased)": lambda t: resized(t, "bilinear"),
         "INTER_AREA": lambda t: cv2.resize(t.numpy(), (r, r), interpolation=cv2.INTER_AREA),
-        "nearest": nearest,
-        "nearest + 10 deg nearest rotation": lambda t: rotated(nearest(t), cv2.INTER_NEAREST),
-        "nearest + 10 deg bilinear rotation": lambda t: rotated(nearest(t), cv2.INTER_LINEAR),
+        "nearest": lambda t: resized(t, "nearest"),
+        "nearest + 10 deg nearest rotation": lambda t: rotated(resized(t, "nearest"), cv2.INTER_NEAREST),
+        "nearest + 10 deg bilinear rotation": lambda t: rotated(resized(t, "nearest"), cv2.INTER_LINEAR),
     }
     grays = {c: [decode_image_file(f).float().mean(0).round().to(torch.uint8) for f in fs] for c, fs in files.items()}
     print(f"{len(files['local'])} local-defect vs {len(files['nominal'])} nominal images, {r} px")

@@ -20,10 +20,10 @@ from typing import Any, Callable, Dict, List, Optional
 from clipexp.schema import (  # noqa: F401 - the schemas and names are imported from here
     ACCUMULATION,
     CACHE_MODES,
-    INTERPOLATION_NAMES,
     CONF_DIR,
     DEVICES,
     DOMAINS,
+    INTERPOLATION_NAMES,
     LOSSES,
     MINING_STRATEGIES,
     MONITOR_MODES,

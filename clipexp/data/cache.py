@@ -16,7 +16,8 @@ Modes
             ``memory_mb`` caps it: beyond the cap images are simply decoded each time.
 ``disk``    one file per image (``<sha1>.u8``: a 16-byte header + raw ``H x W x 3`` pixels) in ``cache_dir``
             (default ``$CLIPEXP_CACHE_DIR`` or ``./.clipexp_cache``), ``images/r<resolution>/``
-            below it (``r<resolution>-<interpolation>/`` for an interpolation other than bicubic). Written atomically, so several workers may fill it at once; it survives runs.
+            below it (``r<resolution>-<interpolation>/`` for an interpolation other than bicubic). Written
+            atomically, so several workers may fill it at once; it survives runs.
             Stale entries of changed files are never read again (delete the folder to reclaim space).
 ``none``    decode every time.
 ``auto``    ``memory`` when the estimated size (images x 3 x R x R x mean aspect, the aspect

@@ -156,12 +156,14 @@ class CLIPDataset(Dataset):
         if isinstance(cache, str):
             cache = ImageCache(cache, self.resolution, interpolation=self.interpolation)
             cache.prepare(self.image_paths)
-        if cache is not None and cache.mode != "none" and cache.resolution != self.resolution:
+        if cache is not None and cache.mode == "none":
+            cache = None
+        if cache is not None and cache.resolution != self.resolution:
             raise ValueError(f"the image cache holds {cache.resolution}px images but this dataset loads {self.resolution}px")
-        if cache is not None and cache.mode != "none" and cache.interpolation != self.interpolation:
+        if cache is not None and cache.interpolation != self.interpolation:
             raise ValueError(f"the image cache holds images resized with {cache.interpolation!r} interpolation but this "
                              f"dataset resizes with {self.interpolation!r}")
-        self.cache = cache if cache is not None and cache.mode != "none" else None
+        self.cache = cache
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
 
     def _tokenize(self) -> None:

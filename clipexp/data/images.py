@@ -56,7 +56,7 @@ def interpolation_of_resample(resample) -> str:
     """The interpolation name of a PIL resampling code (a saved image processor's ``resample``); codes
     with no name here (LANCZOS, BOX, HAMMING) read as ``bicubic``, the closest antialiased filter."""
     code = int(getattr(resample, "value", resample))
-    return next((name for name, c in PIL_RESAMPLE.items() if c == code), "bicubic")
+    return next((name for name, c in PIL_RESAMPLE.items() if c == code), RESIZE_INTERPOLATION)
 
 
 class ImageDecodeError(ValueError):

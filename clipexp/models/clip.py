@@ -142,13 +142,13 @@ def load_clip(
     ``name_or_path``: a hub id (``openai/clip-vit-base-patch32``), a local ``save_pretrained``
     directory, or a clipexp run folder (its ``model/`` is loaded). ``None`` with ``architecture`` builds a random-weight CLIP and a generated tokenizer.
     """
+    from clipexp.data.images import PIL_RESAMPLE, RESIZE_INTERPOLATION  # here: clipexp.data imports this module
+
     if name_or_path is None:
         if architecture is None:
             raise ModelLoadError("model.name_or_path is null and no model.architecture is set; use model=tiny or a hub id")
-        from clipexp.data.images import PIL_RESAMPLE
-
         model = build_model(architecture, image_resolution, max_sequence_length)  # weights follow the caller's seed
-        return model, build_processor(image_resolution, max_sequence_length, PIL_RESAMPLE[image_interpolation or "bicubic"])
+        return model, build_processor(image_resolution, max_sequence_length, PIL_RESAMPLE[image_interpolation or RESIZE_INTERPOLATION])
 
     from transformers import CLIPModel, CLIPProcessor
 
@@ -170,8 +170,6 @@ def load_clip(
     if max_sequence_length:
         processor.tokenizer.model_max_length = max_sequence_length
     if image_interpolation is not None:
-        from clipexp.data.images import PIL_RESAMPLE
-
         processor.image_processor.resample = PIL_RESAMPLE[image_interpolation]
     return model, processor
 

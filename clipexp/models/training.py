@@ -80,7 +80,7 @@ def build_training_model(model_cfg: Any, device_cfg: Any, device: torch.device,
     m = model_cfg
     arch = dict(m.architecture) if m.architecture is not None else None
     model, processor = load_clip(m.name_or_path, arch, m.image_resolution, m.max_sequence_length,
-                                 image_interpolation=getattr(m, "image_interpolation", None) or "bicubic")
+                                 image_interpolation=m.image_interpolation)
     if prepare is not None:
         model = prepare(model)
     apply_levers(model, lock_image=m.lock_image, lock_text=m.lock_text, gradient_checkpointing=m.gradient_checkpointing,
