@@ -8,9 +8,8 @@ from typing import List
 import pytest
 import torch
 
-from clipexp.training import memory
 from clipexp.training.batch_estimate import estimate_batch_size, estimate_batch_size_for_model
-from clipexp.training.batch_size import BatchSizeCache, find_max_batch_size, make_train_step_probe, resolve_batch_size
+from clipexp.training.batch_size import DEFAULT_FALLBACK, BatchSizeCache, find_max_batch_size, make_train_step_probe, resolve_batch_size
 from clipexp.training.oom import OOMRecovery, free_memory, is_oom, split_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -330,7 +329,7 @@ def test_resolve_cpu_and_mps_never_probe(tmp_path):
                               estimate=None) == (8, "fallback")
     assert resolve_batch_size(requested=None, device_type="cpu", probe=None, cache=None, cache_key="k",
                               estimate=None, fallback={"cpu": 4}) == (4, "fallback")
-    assert memory.DEFAULT_FALLBACK == {"mps": 16, "cpu": 8, "cuda": 32}
+    assert DEFAULT_FALLBACK == {"mps": 16, "cpu": 8, "cuda": 32}
 
 
 # ------------------------------------------------------------------------------- split + OOMRecovery
