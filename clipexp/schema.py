@@ -18,7 +18,7 @@ MINING_STRATEGIES = ("semi-hard", "hard", "weighted")
 SCHEDULES = ("constant", "warmup", "cosine", "exponential", "adaptive")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SOURCES = ("csv", "json", "folder", "hf", "textile")
+SOURCES = ("csv", "json", "folder", "hf", "textile", "webdataset")
 ON_ERROR = ("raise", "skip")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 INTERPOLATION_NAMES = ("bicubic", "bilinear", "nearest")  # clipexp.data.images.INTERPOLATIONS
@@ -155,6 +155,16 @@ class DataConfig:
     cache_images: str = "auto"
     cache_memory_mb: int = 2048
     cache_dir: Optional[str] = None
+    # data=webdataset (clipexp.data.webdataset, docs/shards.md): shards streamed into the trainer
+    urls: Optional[str] = None  # train shards: a brace pattern, paths or pipe: URLs ('::' joins several)
+    val_urls: Optional[str] = None
+    test_urls: Optional[str] = None
+    manifest: Optional[str] = None  # null = manifest.json beside the first shard (else img2dataset's _stats.json)
+    image_key: str = "jpg;jpeg;png;webp"
+    caption_key: str = "txt"  # an extension or json.<field>
+    label_key: Optional[str] = None  # null, an extension (cls) or json.<field>
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.01
 
 
 @dataclass

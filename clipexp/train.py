@@ -142,6 +142,9 @@ class Trainer:
                                     shuffle=cfg.data.shuffle, rank=self.dist.rank, world_size=world)
         self.train_loader = build_train_loader(self.data.train, self.sampler, cfg.data.num_workers, self.dev.type, self.dist.local_world_size)
         self.collate = self.train_loader.collate_fn
+        if hasattr(self.train_loader, "steps_per_epoch"):  # a stream (data=webdataset): its epoch is what its shards hold
+            self.steps_per_epoch = self.train_loader.steps_per_epoch
+            self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
         self.eval_batch_size = t.eval_batch_size or max(self.batch_size, 32)
 
     # ----------------------------------------------------------------------------------------- step

@@ -162,6 +162,10 @@ def build_train_loader(dataset, sampler: EpochSampler, num_workers: Optional[int
     workers = num_workers if num_workers is not None else default_train_workers(cores, device_type)
     if device_type == "cpu":
         torch.set_num_threads(train_threads(cores, workers))
+    if getattr(dataset, "is_stream", False):  # data=webdataset: its own loader (steps_per_epoch from the shards)
+        from clipexp.data.webdataset import StreamLoader
+
+        return StreamLoader(dataset, sampler, workers, collate_fn=collate_fn, pin_memory=device_type == "cuda")
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=device_type == "cuda", drop_last=False)
 

@@ -354,6 +354,12 @@ def build_datasets(
     """
     from clipexp.data.loaders import read_source
 
+    if _get(data_cfg, "source") == "webdataset":  # shards streamed (clipexp.data.webdataset)
+        from clipexp.data.webdataset import build_webdataset_splits
+
+        return build_webdataset_splits(data_cfg, processor=processor, image_resolution=image_resolution,
+                                       max_sequence_length=max_sequence_length, prompt_templates=prompt_templates,
+                                       augmentation=augmentation, seed=seed, pixels=pixels, image_interpolation=image_interpolation)
     templates = list(prompt_templates or DEFAULT_TEMPLATES)
     cache = ImageCache(
         _get(data_cfg, "cache_images", "auto"),

@@ -1,0 +1,524 @@
+"""WebDataset tar shards streamed into the trainer (``data.source=webdataset``); no Hydra, no MLflow.
+
+Shards are read with the ``webdataset`` package (``tarfile_samples``: local paths, brace patterns,
+``pipe:`` URLs, whatever ``webdataset.gopen`` opens); clipexp only decides which shard goes where and
+what a sample means. A sample is ``<key>.<image ext>`` + a caption (``<key>.txt`` or a field of
+``<key>.json``) + optionally a label (a ``json`` field, or ``<key>.cls``).
+
+The epoch, per process:
+
+* the shard list is permuted by ``(seed, epoch)`` (``shuffle``) and dealt to *streams*: rank ``r`` of
+  ``world`` and loader worker ``w`` of ``W`` read shards ``order[r::world][w::W]``, so no shard (and no
+  sample) is read twice in an epoch;
+* every stream yields exactly ``quota`` batches (from the manifest's counts: the smallest number of
+  samples any stream can be dealt, over the batch), so every rank takes the same number of steps and
+  the DataLoader's round-robin over its workers is fixed; the samples a larger stream holds beyond the
+  quota are left out of that epoch (as ``drop_last`` does), different ones each epoch;
+* raw samples pass a seeded shuffle buffer (``shuffle_buffer``) before they are decoded.
+
+Each sample's augmentation is drawn from ``item_seed(seed, epoch, sample id)``, the sample id being its
+position in the shard set (manifest: the shard's first index + the offset in the shard), as the CSV
+source draws from the pair's index: shards written from a source hold the same items.
+
+Resume (:meth:`WebDatasetStream.set_start`): the trainer's position (epoch, batch in the epoch) says
+how many batches each stream has delivered; a resumed stream replays its epoch's raw samples without
+decoding them and starts at the next one. Step-exact for the same shards, world size, batch and loader
+workers, unless undecodable images came before the resume point (found only by decoding: the resumed
+stream then repeats that many samples). See docs/shards.md.
+
+Bad samples (a truncated or unreadable shard, a sample without image or caption, an undecodable image)
+are named in a warning and skipped; :meth:`WebDatasetStream.bad_counts` counts them, and a stream whose
+bad share exceeds ``max_bad_fraction`` stops the run with one :class:`DataValidationError` line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipexp.data.dataset import CLIPDataset, DataSplits, _get, item_seed, main_process_single_thread
+from clipexp.data.images import ImageDecodeError, channels_last, decode_image_bytes, resize_shorter
+from clipexp.data.pairs import ImageTextPair, normalize_caption
+from clipexp.data.validation import DataValidationError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "clipexp-shards/1"
+IMAGE_KEYS = "jpg;jpeg;png;webp"
+_MASK63 = (1 << 63) - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard lists and the manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def expand_urls(urls: Any) -> List[str]:
+    """A brace pattern / ``::``-joined string, or a list of them -> the shard URLs (webdataset's expansion)."""
+    from webdataset.shardlists import expand_urls as wds_expand
+
+    if urls is None:
+        return []
+    items = [urls] if isinstance(urls, str) else list(urls)
+    return [u for item in items for u in wds_expand(str(item))]
+
+
+def _local(url: str) -> Optional[Path]:
+    if url.startswith("file:"):
+        url = url[5:]
+    return None if re.match(r"^[a-z0-9]+:", url) else Path(os.path.expanduser(url))
+
+
+@dataclass
+class ShardSet:
+    """One split's shards: URLs, each shard's sample count and first sample id, the class names."""
+
+    urls: List[str]
+    counts: List[int]
+    first_index: List[int]
+    class_names: List[str] = field(default_factory=list)
+    manifest: Optional[str] = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def find_manifest(urls: Sequence[str], manifest: Optional[str] = None) -> Optional[Path]:
+    if manifest:
+        return Path(manifest)
+    local = _local(urls[0]) if urls else None
+    if local is not None and (local.parent / MANIFEST).is_file():
+        return local.parent / MANIFEST
+    return None
+
+
+def shard_set(urls: Any, manifest: Optional[str] = None, key: str = "data.urls") -> ShardSet:
+    """The shards of ``urls`` with their counts: from ``manifest`` (default: ``manifest.json`` beside the
+    first local shard, as :mod:`clipexp.data.to_shards` writes it), else from the ``<shard>_stats.json``
+    files img2dataset writes beside each shard (``successes``). Raises one-line errors."""
+    expanded = expand_urls(urls)
+    if not expanded:
+        raise DataValidationError(f"{key} is empty: give shard paths or a brace pattern, e.g. /data/shards/train-{{000000..000009}}.tar")
+    for url in expanded:
+        local = _local(url)
+        if local is not None and not local.is_file():
+            raise DataValidationError(f"{key}: shard {url} not found")
+    path = find_manifest(expanded, manifest)
+    counts: List[Optional[int]] = [None] * len(expanded)
+    firsts: List[Optional[int]] = [None] * len(expanded)
+    class_names: List[str] = []
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise DataValidationError(f"manifest {path} is unreadable ({err}): rewrite it with python -m clipexp.data.to_shards") from None
+        by_name = {s["name"]: s for split in data.get("splits", {}).values() for s in split.get("shards", [])}
+        class_names = list(data.get("class_names") or [])
+        for i, url in enumerate(expanded):
+            entry = by_name.get(os.path.basename(url))
+            if entry is not None:
+                counts[i], firsts[i] = int(entry["count"]), entry.get("first_index")
+    for i, url in enumerate(expanded):  # img2dataset: 00000.tar + 00000_stats.json
+        local = _local(url)
+        stats = local.with_name(local.stem + "_stats.json") if local is not None else None
+        if counts[i] is None and stats is not None and stats.is_file():
+            counts[i] = int(json.loads(stats.read_text()).get("successes", 0))
+    missing = [u for u, c in zip(expanded, counts) if c is None]
+    if missing:
+        raise DataValidationError(f"{key}: no sample count for {len(missing)} shard(s) (e.g. {missing[0]}): write the shards with "
+                                  f"python -m clipexp.data.to_shards (manifest.json), or with img2dataset (<shard>_stats.json), "
+                                  f"or point data.manifest at a manifest")
+    running, out_first = 0, []
+    for c, f in zip(counts, firsts):  # sample ids: the manifest's, else positions in this list
+        out_first.append(int(f) if f is not None else running)
+        running += int(c)
+    return ShardSet(expanded, [int(c) for c in counts], out_first, class_names, str(path) if path else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw samples: webdataset's tar reader, one shard at a time so each sample knows where it came from
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Keys:
+    """Which tar members hold the image, the caption(s) and the label."""
+
+    image: str = IMAGE_KEYS  # ';'-separated extensions, first present wins
+    caption: str = "txt"  # an extension, or json.<field> (a string or a list of strings)
+    label: Optional[str] = None  # null, an extension (cls), or json.<field>
+
+    def _field(self, sample: Dict[str, Any], spec: str) -> Any:
+        if spec.startswith("json."):
+            raw = sample.get("json")
+            if raw is None:
+                return None
+            meta = json.loads(raw) if isinstance(raw, (bytes, bytearray, str)) else raw
+            return meta.get(spec[5:]) if isinstance(meta, dict) else None
+        value = sample.get(spec)
+        return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+
+    def parse(self, sample: Dict[str, Any]) -> Tuple[Optional[bytes], List[str], Optional[str], Optional[str]]:
+        """-> (image bytes, captions, label, problem or None). No decoding of the image."""
+        image = next((sample[k] for k in self.image.split(";") if sample.get(k)), None)
+        if image is None:
+            return None, [], None, f"no image ({self.image.replace(';', ', ')})"
+        try:
+            raw = self._field(sample, self.caption)
+            label = self._field(sample, self.label) if self.label else None
+        except (ValueError, UnicodeDecodeError) as err:
+            return None, [], None, f"unreadable caption/label ({err})"
+        caps = [raw] if isinstance(raw, str) else list(raw or [])
+        caps = [str(c).strip() for c in caps if c is not None and str(c).strip()]
+        if not caps:
+            return None, [], None, f"no caption ({self.caption})"
+        return bytes(image), caps, None if label is None or str(label).strip() == "" else str(label).strip(), None
+
+
+def shard_samples(url: str, problems: List[str]) -> Iterator[Dict[str, Any]]:
+    """The samples of one shard (webdataset's reader); a read error (a truncated or unreadable tar)
+    ends the shard and is appended to ``problems``."""
+    from webdataset.tariterators import tarfile_samples
+
+    def handler(exn: BaseException) -> bool:
+        problems.append(f"{url}: unreadable ({type(exn).__name__}: {str(exn.args[0]) if exn.args else exn})"[:300])
+        return True  # skip the rest of the shard
+
+    yield from tarfile_samples([{"url": url}], handler=handler)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stream
+# --------------------------------------------------------------------------------------------------
+
+
+def _seed(*parts: int) -> int:
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = ((x ^ (int(p) + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+        x ^= x >> 31
+    return x & _MASK63
+
+
+def caption_group(caption: str) -> int:
+    """A caption's group id, the same in every process and batch (a stable hash of the normalised caption)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(normalize_caption(caption).encode(), digest_size=8).digest(), "little") & _MASK63
+
+
+class WebDatasetStream(IterableDataset):
+    """Training items (the dict of :class:`~clipexp.data.CLIPDataset`) streamed from a :class:`ShardSet`.
+
+    ``len()`` is the manifest's sample count (approximate: the schedule's and the progress bar's);
+    :meth:`configure` fixes the epoch's length in batches for the ranks and loader workers.
+    """
+
+    is_stream = True
+
+    def __init__(self, shards: ShardSet, *, image_transform, text_transform, class_names: Sequence[str], seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000, keys: Optional[Keys] = None, resolution: int = 224,
+                 interpolation: str = "bicubic", max_bad_fraction: float = 0.01, multi_caption: bool = False):
+        self.shards, self.image_transform, self.text_transform = shards, image_transform, text_transform
+        self.class_names = list(class_names)
+        self._label_index = {c: i for i, c in enumerate(self.class_names)}
+        self.seed, self.shuffle, self.shuffle_buffer = int(seed), bool(shuffle), int(shuffle_buffer) if shuffle else 0
+        self.keys = keys or Keys()
+        self.resolution, self.interpolation = int(resolution), interpolation
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.multi_caption = multi_caption
+        self.max_length = text_transform.max_length
+        self._random_image = bool(getattr(image_transform, "is_random", True))
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._start = torch.zeros(1, dtype=torch.long).share_memory_()  # batches already delivered this epoch
+        self.configure(0, 1, 1, 1)
+
+    # ---------------------------------------------------------------------------------- the epoch
+    def configure(self, rank: int, world_size: int, workers: int, batch_size: int) -> int:
+        """Fix the streams (``world_size`` ranks x ``workers`` loader workers, at least 1) and the batch;
+        returns the batches per epoch of this rank (each stream's quota x ``workers``)."""
+        self.rank, self.world_size, self.workers, self.batch_size = int(rank), int(world_size), max(1, int(workers)), int(batch_size)
+        streams = self.world_size * self.workers
+        n = len(self.shards.urls)
+        if n < streams:
+            raise DataValidationError(f"data.urls has {n} shard(s) for {self.world_size} rank(s) x {self.workers} loader worker(s): every "
+                                      f"worker needs a shard of its own; write smaller shards (to_shards --shard-size) or lower "
+                                      f"data.num_workers")
+        # the least samples any stream can be dealt: n // streams of the smallest shards
+        smallest = sorted(self.shards.counts)[: n // streams]
+        self.quota = sum(smallest) // self.batch_size
+        if self.quota < 1:
+            raise DataValidationError(f"data.urls: a stream ({self.world_size} rank(s) x {self.workers} worker(s)) may get only "
+                                      f"{sum(smallest)} samples, less than one batch of {self.batch_size}: write more or larger shards, "
+                                      f"or lower trainer.batch_size or data.num_workers")
+        self._bad = torch.zeros(self.workers, 2, dtype=torch.long).share_memory_()  # per stream: bad, seen
+        return self.quota * self.workers
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.quota * self.workers
+
+    def __len__(self) -> int:
+        return self.shards.total
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    def set_start(self, batches: int) -> None:
+        """Start the next iteration after ``batches`` batches of the epoch (the resume position)."""
+        self._start[0] = int(batches)
+
+    def bad_counts(self) -> Tuple[int, int]:
+        """(bad samples skipped, samples seen) by this process's streams so far."""
+        bad, seen = self._bad.sum(0).tolist()
+        return int(bad), int(seen)
+
+    def shards_of(self, epoch: int, role: int) -> List[int]:
+        """Indices of the shards stream ``role`` of this rank reads in ``epoch``."""
+        order = list(range(len(self.shards.urls)))
+        if self.shuffle:
+            random.Random(_seed(self.seed, epoch, 17)).shuffle(order)
+        return order[self.rank::self.world_size][role::self.workers]
+
+    # ------------------------------------------------------------------------------ raw samples
+    def _problem(self, role: int, where: str, message: str) -> None:
+        self._bad[role, 0] += 1
+        log.warning("skipped bad sample %s: %s", where, message)
+        self._check_fraction(role)
+
+    def _check_fraction(self, role: int) -> None:
+        bad, seen = self.bad_counts()
+        if bad > self.max_bad_fraction * max(seen, 1) and seen >= 1 / max(self.max_bad_fraction, 1e-9):
+            raise DataValidationError(f"{bad} bad samples of {seen} read from {self.shards.urls[0]}... ({bad / max(seen, 1):.1%}) exceed "
+                                      f"data.max_bad_fraction={self.max_bad_fraction}: fix or drop the named shards, or raise it")
+
+    def _raw(self, epoch: int, role: int) -> Iterator[Tuple[int, bytes, List[str], Optional[str], str]]:
+        """(sample id, image bytes, captions, label, where) of the stream's shards, in order; structural
+        problems named and skipped; topped up from the start of its shards when they hold too few."""
+        need, got, passes = self.quota * self.batch_size, 0, 0
+        mine = self.shards_of(epoch, role)
+        while got < need:
+            good_this_pass = 0
+            for s in mine:
+                url, problems, read = self.shards.urls[s], [], 0
+                for offset, sample in enumerate(shard_samples(url, problems)):
+                    read += 1
+                    where = f"{url}:{sample.get('__key__')}"
+                    self._bad[role, 1] += 1
+                    image, caps, label, problem = self.keys.parse(sample)
+                    if problem:
+                        self._problem(role, where, problem)
+                        continue
+                    good_this_pass += 1
+                    yield self.shards.first_index[s] + offset, image, caps, label, where
+                    got += 1
+                if problems:
+                    lost = max(0, self.shards.counts[s] - read)
+                    self._bad[role, 1] += lost
+                    self._bad[role, 0] += lost
+                    log.warning("skipped the rest of shard %s (%d of the manifest's %d samples lost): %s", url, lost,
+                                self.shards.counts[s], problems[0])
+                    self._check_fraction(role)
+            passes += 1
+            if good_this_pass == 0:
+                raise DataValidationError(f"no usable samples in the shards of rank {self.rank} worker {role} "
+                                          f"({', '.join(self.shards.urls[s] for s in mine[:3])}...)")
+            if got < need:
+                log.warning("rank %d worker %d: its shards held %d usable samples this epoch, fewer than the manifest's count "
+                            "(%d needed): repeating from the start of its shards", self.rank, role, got, need)
+
+    def _shuffled(self, raw: Iterator, epoch: int, role: int) -> Iterator:
+        if self.shuffle_buffer <= 1:
+            yield from raw
+            return
+        rng, buf = random.Random(_seed(self.seed, epoch, self.rank, role, 29)), []
+        for x in raw:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(x)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], x = x, buf[j]
+            yield x
+        rng.shuffle(buf)
+        yield from buf
+
+    # ---------------------------------------------------------------------------------- items
+    def _encode(self, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        hit = self._tokens.get(text)
+        if hit is None:
+            ids, mask = self.text_transform.encode([text])
+            hit = self._tokens[text] = (ids[0], mask[0])
+            if len(self._tokens) > 100_000:
+                self._tokens.clear()
+        return hit
+
+    def item(self, sample_id: int, image_bytes: bytes, captions: List[str], label: Optional[str], where: str, epoch: int) -> Dict[str, Any]:
+        """One item, as :class:`~clipexp.data.CLIPDataset` builds it (same seeds); raises ImageDecodeError."""
+        image = channels_last(resize_shorter(decode_image_bytes(image_bytes, where), self.resolution, self.interpolation))
+        cands = self.text_transform.candidates(captions if self.multi_caption else captions[:1], label)
+        k, gen = 0, None
+        if self._random_image or len(cands) > 1:
+            gen = torch.Generator().manual_seed(item_seed(self.seed, epoch, sample_id))
+            pixels = self.image_transform(image, generator=gen)
+            k = int(torch.randint(len(cands), (1,), generator=gen)) if len(cands) > 1 else 0
+        else:
+            pixels = self.image_transform(image)
+        ids, mask = self._encode(cands[k])
+        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor(self._label_index.get(label, -1) if label is not None else -1, dtype=torch.long),
+                "group_ids": torch.tensor(caption_group(captions[0]), dtype=torch.long),
+                "indices": torch.tensor(sample_id, dtype=torch.long)}
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.workers:
+            raise RuntimeError(f"the stream was configured for {self.workers} loader workers but runs under {workers}")
+        epoch, start = self.epoch, int(self._start[0])
+        role = (worker + start) % workers  # the loader starts at worker 0: batch `start` is stream start % W's
+        delivered = max(0, (start - role + workers - 1) // workers)  # batches i < start with i % W == role
+        skip, left = delivered * self.batch_size, (self.quota - delivered) * self.batch_size
+        self._tokens: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        samples = self._shuffled(self._raw(epoch, role), epoch, role)
+        for _ in range(skip):  # resume: replay without decoding
+            next(samples)
+        while left > 0:
+            sample_id, image, caps, label, where = next(samples)
+            try:
+                with main_process_single_thread():  # (per item: a suspended generator must not hold the step's threads)
+                    item = self.item(sample_id, image, caps, label, where, epoch)
+            except ImageDecodeError as err:
+                self._problem(role, where, f"image {err.reason}")
+                continue
+            left -= 1
+            yield item
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loader and the evaluation splits
+# --------------------------------------------------------------------------------------------------
+
+
+class StreamLoader(DataLoader):
+    """The training DataLoader over a :class:`WebDatasetStream`: each ``iter()`` starts at the trainer's
+    sampler position (``sampler.start``, the resume point), and a bad-data error from a worker is re-raised
+    as its one line. ``steps_per_epoch``: the stream's epoch in batches."""
+
+    def __init__(self, dataset: WebDatasetStream, sampler, num_workers: int, **kw: Any):
+        self.position = sampler
+        self.steps_per_epoch = dataset.configure(sampler.rank, sampler.world_size, num_workers, sampler.batch_size)
+        super().__init__(dataset, batch_size=sampler.batch_size, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
+
+    def __iter__(self):
+        self.dataset.set_start(self.position.start // self.position.global_batch)
+        try:
+            yield from super().__iter__()
+        except DataValidationError as err:
+            lines = [ln for ln in str(err).splitlines() if ln.strip()]
+            raise DataValidationError(lines[-1].split("DataValidationError: ", 1)[-1] if lines else str(err)) from None
+        bad, seen = self.dataset.bad_counts()
+        if bad:
+            log.warning("data: %d bad samples skipped of %d read so far (data.max_bad_fraction=%s)", bad, seen, self.dataset.max_bad_fraction)
+
+
+def read_split(shards: ShardSet, keys: Keys, on_error: str = "skip") -> Tuple[List[ImageTextPair], List[bytes], List[str]]:
+    """Every usable sample of a (small) split, in shard order: pairs (``image_path``: ``<shard>#<key>``), their
+    image bytes (checked by decoding), and the problems met."""
+    pairs, images, problems = [], [], []
+    for url in shards.urls:
+        errors: List[str] = []
+        for sample in shard_samples(url, errors):
+            where = f"{url}#{sample.get('__key__')}"
+            image, caps, label, problem = keys.parse(sample)
+            if problem is None:
+                try:
+                    decode_image_bytes(image, where)
+                except ImageDecodeError as err:
+                    problem = f"image {err.reason}"
+            if problem:
+                problems.append(f"{where}: {problem}")
+                continue
+            pairs.append(ImageTextPair(where, caps, label, -1, where))
+            images.append(image)
+        problems += errors
+    if problems and on_error == "raise":
+        raise DataValidationError.from_problems(shards.urls[0], [_P(p) for p in problems])
+    if problems:
+        log.warning("skipped %d bad samples of %s:\n%s", len(problems), shards.urls[0], "\n".join(f"  {p}" for p in problems))
+    return pairs, images, problems
+
+
+class _P(str):
+    """A problem line (``DataValidationError.from_problems`` formats its items with str())."""
+
+
+def build_webdataset_splits(data_cfg, *, processor, image_resolution: int, max_sequence_length: int, prompt_templates,
+                            augmentation, seed: int, pixels: str, image_interpolation: str):
+    """:class:`~clipexp.data.DataSplits` of ``data.urls`` (a :class:`WebDatasetStream`) and ``data.val_urls`` /
+    ``data.test_urls`` (read whole, into memory: evaluation needs every pair at once)."""
+    from clipexp.data.text import TextTransform
+    from clipexp.data.transforms import DEFAULT_TEMPLATES, ImageTransform, processor_mean_std
+
+    keys = Keys(_get(data_cfg, "image_key", IMAGE_KEYS), _get(data_cfg, "caption_key", "txt"), _get(data_cfg, "label_key"))
+    manifest = _get(data_cfg, "manifest")
+    train_set = shard_set(_get(data_cfg, "urls"), manifest, "data.urls")
+    evals = {name: shard_set(_get(data_cfg, f"{name}_urls"), manifest, f"data.{name}_urls") if _get(data_cfg, f"{name}_urls") else None
+             for name in ("val", "test")}
+    read = {name: read_split(s, keys, _get(data_cfg, "on_error", "raise")) if s is not None else None for name, s in evals.items()}
+    class_names = train_set.class_names or sorted({p.label for r in read.values() if r for p in r[0] if p.label is not None})
+    templates = list(prompt_templates or DEFAULT_TEMPLATES)
+    mean, std = processor_mean_std(processor)
+    common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels, interpolation=image_interpolation)
+    train_tf = ImageTransform(augment=bool(_get(data_cfg, "augment_images", True)), policy=augmentation, **common)
+    eval_tf = ImageTransform(augment=False, **common)
+    train_tt = TextTransform(processor, max_sequence_length, templates, augment=bool(_get(data_cfg, "augment_text", False)))
+    eval_tt = TextTransform(processor, max_sequence_length, templates, augment=False)
+    train = WebDatasetStream(train_set, image_transform=train_tf, text_transform=train_tt, class_names=class_names, seed=seed,
+                             shuffle=bool(_get(data_cfg, "shuffle", True)), shuffle_buffer=int(_get(data_cfg, "shuffle_buffer", 1000)),
+                             keys=keys, resolution=image_resolution, interpolation=image_interpolation,
+                             max_bad_fraction=float(_get(data_cfg, "max_bad_fraction", 0.01)),
+                             multi_caption=bool(_get(data_cfg, "multi_caption", True)))
+
+    def eval_set(r):
+        if r is None or not r[0]:
+            return None
+        return ShardPairsDataset(r[0], r[1], processor, None, eval_tf, eval_tt, resolution=image_resolution, seed=seed,
+                                 class_names=[c for c in class_names])
+
+    unknown = sorted({p.label for r in read.values() if r for p in r[0] if p.label is not None} - set(class_names))
+    if unknown:
+        raise DataValidationError(f"labels {unknown} of data.val_urls/test_urls are not among the manifest's class names {class_names}")
+    val, test = eval_set(read["val"]), eval_set(read["test"])
+    skipped = [p for r in read.values() if r for p in r[2]]
+    splits = DataSplits(train, val, test, class_names, train_set.total + sum(len(ds) for ds in (val, test) if ds is not None), skipped)
+    log.info("data: webdataset, train ~%d samples in %d shards (%s), val %d, test %d, classes: %s", train_set.total,
+             len(train_set.urls), train_set.manifest or "counts from _stats.json", len(val) if val else 0, len(test) if test else 0,
+             ", ".join(class_names) or "none")
+    return splits
+
+
+class ShardPairsDataset(CLIPDataset):
+    """A CLIPDataset over samples read from shards into memory (``images``: their encoded bytes)."""
+
+    def __init__(self, pairs, images, *args, **kw):
+        self._images = list(images)
+        super().__init__(pairs, *args, **kw)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        pair = self.pairs[index]
+        return channels_last(resize_shorter(decode_image_bytes(self._images[index], pair.source), self.resolution, self.interpolation))
