@@ -162,7 +162,7 @@ class DataConfig:
     manifest: Optional[str] = None  # null = manifest.json beside the first shard (else img2dataset's _stats.json)
     image_key: str = "jpg;jpeg;png;webp"
     caption_key: str = "txt"  # an extension or json.<field>
-    label_key: Optional[str] = None  # null, an extension (cls) or json.<field>
+    label_key: Optional[str] = "json.label"  # json.<field>, an extension (cls), or null (unlabelled)
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.01
 

@@ -157,7 +157,7 @@ class Keys:
 
     image: str = IMAGE_KEYS  # ';'-separated extensions, first present wins
     caption: str = "txt"  # an extension, or json.<field> (a string or a list of strings)
-    label: Optional[str] = None  # null, an extension (cls), or json.<field>
+    label: Optional[str] = "json.label"  # json.<field>, an extension (cls), or None
 
     def _field(self, sample: Dict[str, Any], spec: str) -> Any:
         if spec.startswith("json."):
@@ -240,6 +240,7 @@ class WebDatasetStream(IterableDataset):
         self.multi_caption = multi_caption
         self.max_length = text_transform.max_length
         self._random_image = bool(getattr(image_transform, "is_random", True))
+        self._last_problem = ""
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
         self._start = torch.zeros(1, dtype=torch.long).share_memory_()  # batches already delivered this epoch
         self.configure(0, 1, 1, 1)
@@ -298,49 +299,56 @@ class WebDatasetStream(IterableDataset):
     # ------------------------------------------------------------------------------ raw samples
     def _problem(self, role: int, where: str, message: str) -> None:
         self._bad[role, 0] += 1
-        log.warning("skipped bad sample %s: %s", where, message)
-        self._check_fraction(role)
+        self._last_problem = f"{where}: {message}"
+        log.warning("skipped bad sample %s", self._last_problem)
+        self._check_fraction()
 
-    def _check_fraction(self, role: int) -> None:
+    def _check_fraction(self) -> None:
+        """Stop once the bad share of the samples read exceeds ``max_bad_fraction`` (judged from
+        ``min(1/f, 1000)`` samples read on; at once with 0)."""
         bad, seen = self.bad_counts()
-        if bad > self.max_bad_fraction * max(seen, 1) and seen >= 1 / max(self.max_bad_fraction, 1e-9):
-            raise DataValidationError(f"{bad} bad samples of {seen} read from {self.shards.urls[0]}... ({bad / max(seen, 1):.1%}) exceed "
-                                      f"data.max_bad_fraction={self.max_bad_fraction}: fix or drop the named shards, or raise it")
+        f = self.max_bad_fraction
+        if bad > f * seen and (f == 0 or seen >= min(1 / f, 1000)):
+            raise DataValidationError(f"{bad} bad samples of {seen} read ({bad / max(seen, 1):.1%}) exceed data.max_bad_fraction={f} "
+                                      f"(the last: {self._last_problem}): fix or drop the shards named above, or raise data.max_bad_fraction")
 
-    def _raw(self, epoch: int, role: int) -> Iterator[Tuple[int, bytes, List[str], Optional[str], str]]:
-        """(sample id, image bytes, captions, label, where) of the stream's shards, in order; structural
-        problems named and skipped; topped up from the start of its shards when they hold too few."""
-        need, got, passes = self.quota * self.batch_size, 0, 0
-        mine = self.shards_of(epoch, role)
-        while got < need:
-            good_this_pass = 0
-            for s in mine:
-                url, problems, read = self.shards.urls[s], [], 0
-                for offset, sample in enumerate(shard_samples(url, problems)):
-                    read += 1
-                    where = f"{url}:{sample.get('__key__')}"
-                    self._bad[role, 1] += 1
-                    image, caps, label, problem = self.keys.parse(sample)
-                    if problem:
-                        self._problem(role, where, problem)
-                        continue
-                    good_this_pass += 1
-                    yield self.shards.first_index[s] + offset, image, caps, label, where
-                    got += 1
-                if problems:
-                    lost = max(0, self.shards.counts[s] - read)
-                    self._bad[role, 1] += lost
-                    self._bad[role, 0] += lost
-                    log.warning("skipped the rest of shard %s (%d of the manifest's %d samples lost): %s", url, lost,
-                                self.shards.counts[s], problems[0])
-                    self._check_fraction(role)
-            passes += 1
-            if good_this_pass == 0:
-                raise DataValidationError(f"no usable samples in the shards of rank {self.rank} worker {role} "
-                                          f"({', '.join(self.shards.urls[s] for s in mine[:3])}...)")
-            if got < need:
-                log.warning("rank %d worker %d: its shards held %d usable samples this epoch, fewer than the manifest's count "
-                            "(%d needed): repeating from the start of its shards", self.rank, role, got, need)
+    def _pass(self, epoch: int, role: int) -> Iterator[Tuple[int, bytes, List[str], Optional[str], str]]:
+        """(sample id, image bytes, captions, label, where) of the stream's shards in order, once; samples
+        without image or caption named and skipped; a shard that ends early (truncated, unreadable) named,
+        its missing samples (the manifest's count minus those read) counted as bad."""
+        for s in self.shards_of(epoch, role):
+            url, problems, read = self.shards.urls[s], [], 0
+            for offset, sample in enumerate(shard_samples(url, problems)):
+                read += 1
+                self._bad[role, 1] += 1
+                where = f"{url}:{sample.get('__key__')}"
+                image, caps, label, problem = self.keys.parse(sample)
+                if problem:
+                    self._problem(role, where, problem)
+                    continue
+                yield self.shards.first_index[s] + offset, image, caps, label, where
+            lost = self.shards.counts[s] - read
+            if problems or lost > 0:
+                lost = max(0, lost)
+                self._bad[role] += lost
+                why = problems[0] if problems else f"{url}: the tar ends early (truncated?)"
+                self._last_problem = f"{url}: {lost} of the manifest's {self.shards.counts[s]} samples missing ({why})"
+                log.warning("skipped the rest of shard %s", self._last_problem)
+                self._check_fraction()
+
+    def _samples(self, epoch: int, role: int) -> Iterator[Tuple[int, bytes, List[str], Optional[str], str]]:
+        """The stream's raw samples: its shards once through the shuffle buffer, then, only when bad samples
+        left it short of its quota, again from the start (warned: these samples repeat in the epoch)."""
+        yield from self._shuffled(self._pass(epoch, role), epoch, role)
+        for again in range(1, 1_000_000):
+            log.warning("rank %d worker %d: its shards held too few usable samples for the epoch's %d batches (bad samples): "
+                        "repeating samples from the start of its shards", self.rank, role, self.quota)
+            n = 0
+            for n, sample in enumerate(self._shuffled(self._pass(epoch, role), epoch, role + 1000 * again), 1):
+                yield sample
+            if n == 0:
+                raise DataValidationError(f"no usable samples in the shards of rank {self.rank} loader worker {role}: "
+                                          f"{', '.join(self.shards.urls[s] for s in self.shards_of(epoch, role)[:3])}")
 
     def _shuffled(self, raw: Iterator, epoch: int, role: int) -> Iterator:
         if self.shuffle_buffer <= 1:
@@ -394,7 +402,7 @@ class WebDatasetStream(IterableDataset):
         delivered = max(0, (start - role + workers - 1) // workers)  # batches i < start with i % W == role
         skip, left = delivered * self.batch_size, (self.quota - delivered) * self.batch_size
         self._tokens: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        samples = self._shuffled(self._raw(epoch, role), epoch, role)
+        samples = self._samples(epoch, role)
         for _ in range(skip):  # resume: replay without decoding
             next(samples)
         while left > 0:
@@ -474,7 +482,8 @@ def build_webdataset_splits(data_cfg, *, processor, image_resolution: int, max_s
     from clipexp.data.text import TextTransform
     from clipexp.data.transforms import DEFAULT_TEMPLATES, ImageTransform, processor_mean_std
 
-    keys = Keys(_get(data_cfg, "image_key", IMAGE_KEYS), _get(data_cfg, "caption_key", "txt"), _get(data_cfg, "label_key"))
+    keys = Keys(_get(data_cfg, "image_key", IMAGE_KEYS), _get(data_cfg, "caption_key", "txt"),
+                _get(data_cfg, "label_key", "json.label"))
     manifest = _get(data_cfg, "manifest")
     train_set = shard_set(_get(data_cfg, "urls"), manifest, "data.urls")
     evals = {name: shard_set(_get(data_cfg, f"{name}_urls"), manifest, f"data.{name}_urls") if _get(data_cfg, f"{name}_urls") else None
