@@ -6,7 +6,6 @@ every 20 pairs (caption groups)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import tarfile
 from pathlib import Path
@@ -15,24 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import MAX_LEN, RES, make_image
+from shards_helpers import N, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-N, SHARD = 80, 10
-
-
-def _csv(root: Path, n: int = N) -> Path:
-    rows = []
-    for i in range(n):
-        make_image(root / "img" / f"{i:03d}.jpg", seed=i)
-        rows.append({"image_path": f"img/{i:03d}.jpg", "caption": f"pattern number {i % 20}", "label": "ab"[i % 2]})
-    path = root / "pairs.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, ["image_path", "caption", "label"])
-        w.writeheader()
-        w.writerows(rows)
-    return path
+RES, MAX_LEN = 32, 16  # the data tests' tiny processor (tests/data/conftest.py)
+SHARD = 10
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +28,7 @@ def shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("src")
     out = root / "shards"
-    assert main([str(_csv(root)), str(out), "--split", "1,0,0", "--shard-size", str(SHARD)]) == 0
+    assert main([str(write_csv(root)), str(out), "--split", "1,0,0", "--shard-size", str(SHARD)]) == 0
     return out
 
 
