@@ -103,6 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--label-column", default="label")
     ap.add_argument("--on-error", default="raise", choices=["raise", "skip"])
     ap.add_argument("--max-samples", type=int, default=None)
+    ap.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside the CSV/JSON's folder")
     ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     ap.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test shares (default 0.8,0.1,0.1, as data.*_split)")
     ap.add_argument("--seed", type=int, default=42, help="the split's seed (default 42, as the run config's seed)")
@@ -111,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "folder" if Path(args.path).is_dir() and not (Path(args.path) / "dataset_info.json").is_file() else
                              "hf" if Path(args.path).is_dir() else "csv")
     cfg = {"source": source, "path": None if source == "textile" else args.path, "on_error": args.on_error,
-           "max_samples": args.max_samples, "label_column": args.label_column or None}
+           "max_samples": args.max_samples, "allow_outside_root": args.allow_outside_root, "label_column": args.label_column or None}
     if args.image_column:
         cfg["image_column"] = args.image_column
     if args.caption_column:
