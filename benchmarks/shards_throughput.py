@@ -36,10 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _train_data():
-    try:
-        from clipexp import train_data  # before the package layout of issue 22
-    except ImportError:
-        from clipexp.training import data as train_data
+    from clipexp.training import data as train_data
+
     return train_data
 
 
@@ -61,6 +59,7 @@ def write_sources(work: Path, shard_size: int):
 
 def build_loader(kind: str, csv_path: Path, urls: str, args):
     from clipexp.data import build_datasets
+    from clipexp.data.webdataset import build_webdataset_splits
     from clipexp.data.transforms import DEFAULT_TEMPLATES
     from clipexp.models.clip import build_processor
 
@@ -72,8 +71,9 @@ def build_loader(kind: str, csv_path: Path, urls: str, args):
         data = {"source": "csv", "path": str(csv_path), "cache_images": "none" if kind == "csv" else "auto", "check_images": kind != "csv",
                 "allow_outside_root": True}
     aug = {"crop_scale_min": 0.8, "hflip": True, "vflip": True, "rotation_degrees": 10.0, "color_jitter": 0.1}  # domain=industrial
-    train = build_datasets(data, processor=processor, image_resolution=args.resolution, max_sequence_length=77,
-                           prompt_templates=DEFAULT_TEMPLATES, augmentation=aug, seed=42, pixels="uint8").train
+    build = build_webdataset_splits if kind == "shards" else build_datasets
+    train = build(data, processor=processor, image_resolution=args.resolution, max_sequence_length=77, prompt_templates=DEFAULT_TEMPLATES,
+                  augmentation=aug, seed=42, pixels="uint8", image_interpolation="bicubic").train
     n = len(train)
     sampler = td.EpochSampler(n, args.batch_size, n // args.batch_size, 42)
     loader = td.build_train_loader(train, sampler, args.workers, "cuda")  # "cuda": keep the thread count as set, pin off below

@@ -144,8 +144,8 @@ def test_too_many_bad_samples_stop_the_run_with_one_line(tmp_path, textile_shard
 def _rank_main(out: Path, shards: Path) -> None:
     import torch.distributed as dist
 
-    from clipexp.__main__ import compose_and_validate
-    from clipexp.train import Trainer
+    from clipexp.cli.train import compose_and_validate
+    from clipexp.training.trainer import Trainer
 
     cfg = compose_and_validate(["experiment=smoke", "device=cpu", "tracking.enabled=false", "data=webdataset",
                                 f"data.urls='{shards / 'train-{000000..000007}.tar'}'", "data.num_workers=2", "data.shuffle_buffer=8",

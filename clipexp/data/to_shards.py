@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from clipexp.data.pairs import ImageTextPair, class_names_of
-from clipexp.data.webdataset import FORMAT, MANIFEST
+from clipexp.data.shards import FORMAT, MANIFEST
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg["image_column"] = args.image_column
     if args.caption_column:
         cfg["caption_column"] = args.caption_column
-    from clipexp.data.validation import DataValidationError
+    from clipexp.data.problems import DataValidationError
 
     try:
         split = [float(x) for x in args.split.split(",")]

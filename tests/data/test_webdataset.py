@@ -196,7 +196,7 @@ def test_too_many_bad_samples_stop_with_one_line(tmp_path, shards, processor):
 
 
 def test_img2dataset_stats_give_the_counts(tmp_path, shards, processor):
-    from clipexp.data.webdataset import shard_set
+    from clipexp.data.shards import shard_set
 
     d = _copy(shards, tmp_path / "s")
     (d / "manifest.json").unlink()
