@@ -156,7 +156,8 @@ def shard_samples(url: str, problems: List[str]) -> Iterator[Dict[str, Any]]:
     from webdataset.tariterators import tarfile_samples
 
     def handler(exn: BaseException) -> bool:
-        problems.append(f"{url}: unreadable ({type(exn).__name__}: {str(exn.args[0]) if exn.args else exn})"[:300])
+        first = str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn)  # (webdataset appends " @ <stream>")
+        problems.append(f"unreadable ({type(exn).__name__}: {first})"[:300])
         return True  # skip the rest of the shard
 
     yield from tarfile_samples([{"url": url}], handler=handler)

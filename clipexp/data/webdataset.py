@@ -184,7 +184,7 @@ class WebDatasetStream(IterableDataset):
             if problems or lost > 0:
                 lost = max(0, lost)
                 self._bad[role] += lost
-                why = problems[0] if problems else f"{url}: the tar ends early (truncated?)"
+                why = problems[0] if problems else "the tar ends early: truncated?"
                 self._last_problem = f"{url}: {lost} of the manifest's {self.shards.counts[s]} samples missing ({why})"
                 log.warning("skipped the rest of shard %s", self._last_problem)
                 self._check_fraction()
@@ -316,7 +316,7 @@ def read_split(shards: ShardSet, keys: Keys, on_error: str = "skip") -> Tuple[Li
                 continue
             pairs.append(ImageTextPair(where, caps, label, -1, where))
             images.append(image)
-        problems += errors
+        problems += [f"{url}: {e}" for e in errors]
     if problems and on_error == "raise":
         raise DataValidationError.from_problems(shards.urls[0], [_P(p) for p in problems])
     if problems:
