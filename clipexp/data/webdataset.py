@@ -353,8 +353,7 @@ def build_webdataset_splits(data_cfg, *, processor, image_resolution: int, max_s
     train = WebDatasetStream(train_set, image_transform=train_tf, text_transform=train_tt, class_names=class_names, seed=seed,
                              shuffle=bool(_get(data_cfg, "shuffle", True)), shuffle_buffer=int(_get(data_cfg, "shuffle_buffer", 1000)),
                              keys=keys, resolution=image_resolution, interpolation=image_interpolation,
-                             max_bad_fraction=float(_get(data_cfg, "max_bad_fraction", 0.01)),
-                             multi_caption=bool(_get(data_cfg, "multi_caption", True)))
+                             max_bad_fraction=float(_get(data_cfg, "max_bad_fraction", 0.01)), multi_caption=True)
 
     def eval_set(r):
         if r is None or not r[0]:

@@ -210,3 +210,11 @@ def test_img2dataset_stats_give_the_counts(tmp_path, shards, processor):
 
     with pytest.raises(DataValidationError, match="no sample count for 1 shard"):
         shard_set(str(d / "{00000..00007}.tar"))
+
+
+def test_pipe_urls_with_a_manifest_read_the_same_samples(shards, processor):
+    """``pipe:`` URLs (webdataset's gopen runs the command): the manifest named in data.manifest gives the counts."""
+    local = [int(it["indices"]) for it in iter(_stream(processor, _urls(shards)))]
+    piped = _stream(processor, "::".join(f"pipe:cat {shards / f'train-{k:06d}.tar'}" for k in range(8)),
+                    manifest=str(shards / "manifest.json"))
+    assert len(piped) == N and [int(it["indices"]) for it in iter(piped)] == local == list(range(N))
