@@ -114,6 +114,16 @@ class DataConfig:
     cache_images: str = "auto"
     cache_memory_mb: int = 2048
     cache_dir: Optional[str] = None
+    # data=webdataset (clipexp.data.webdataset, docs/shards.md): shards streamed into the trainer
+    urls: Optional[str] = None  # train shards: a brace pattern, paths or pipe: URLs ('::' joins several)
+    val_urls: Optional[str] = None
+    test_urls: Optional[str] = None
+    manifest: Optional[str] = None  # null = manifest.json beside the first shard (else img2dataset's _stats.json)
+    image_key: str = "jpg;jpeg;png;webp"
+    caption_key: str = "txt"  # an extension or json.<field>
+    label_key: Optional[str] = "json.label"  # json.<field>, an extension (cls), or null (unlabelled)
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.01
 
 
 @dataclass

@@ -92,6 +92,8 @@ RULES: Dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_workers": (_optional(lambda v: v >= 0), "null (automatic) or an integer >= 0"),
     "data.on_error": _one_of(ON_ERROR),
     "data.cache_images": _one_of(CACHE_MODES),
+    "data.max_bad_fraction": _ratio,
+    "data.shuffle_buffer": _ge0,
     "device.type": _one_of(DEVICES),
     "device.precision": _one_of(PRECISIONS),
     "trainer.learning_rate": _pos,
@@ -203,6 +205,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError("model.name_or_path", None, "a hub id or local directory (or set model.architecture to build one)")
     if _get(cfg, "data.source") in ("csv", "json", "folder") and not _get(cfg, "data.path"):
         raise ConfigError("data.path", None, f"a file or folder path is required for data.source={_get(cfg, 'data.source')}")
+    if _get(cfg, "data.source") == "webdataset" and not _get(cfg, "data.urls"):
+        raise ConfigError("data.urls", None, "shard paths or a brace pattern are required for data=webdataset, e.g. /data/shards/train-{000000..000009}.tar")
     _check_robust(cfg)
 
 

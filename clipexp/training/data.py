@@ -107,8 +107,10 @@ def build_data(cfg: Any, processor: Any):
     """Train / val / test datasets of the run config (``data``, ``domain``, ``model`` sections), their
     images left uint8 so each batch is normalised on the device (1/4 of the bytes to move)."""
     from clipexp.data.dataset import build_datasets
+    from clipexp.data.webdataset import build_webdataset_splits  # data=webdataset: shards streamed
 
-    return build_datasets(
+    build = build_webdataset_splits if cfg.data.source == "webdataset" else build_datasets
+    return build(
         OmegaConf.to_container(cfg.data, resolve=True),
         processor=processor,
         image_resolution=cfg.model.image_resolution,
@@ -162,6 +164,10 @@ def build_train_loader(dataset, sampler: EpochSampler, num_workers: Optional[int
     workers = num_workers if num_workers is not None else default_train_workers(cores, device_type)
     if device_type == "cpu":
         torch.set_num_threads(train_threads(cores, workers))
+    if getattr(dataset, "is_stream", False):  # data=webdataset: its own loader (steps_per_epoch from the shards)
+        from clipexp.data.webdataset import StreamLoader
+
+        return StreamLoader(dataset, sampler, workers, collate_fn=collate_fn, pin_memory=device_type == "cuda")
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=device_type == "cuda", drop_last=False)
 

@@ -136,12 +136,12 @@ class Trainer:
         else:
             log.info("micro-batch %d (%s) x %d accumulation x %d processes = global batch %d",
                      self.batch_size, how, t.gradient_accumulation_steps, world, self.global_batch)
-        self.steps_per_epoch = max(1, n_train // self.global_batch)
-        self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
-        self.sampler = EpochSampler(n_train, min(self.logical_batch, max(1, n_train // world)), self.steps_per_epoch, cfg.seed,
-                                    shuffle=cfg.data.shuffle, rank=self.dist.rank, world_size=world)
+        self.sampler = EpochSampler(n_train, min(self.logical_batch, max(1, n_train // world)), max(1, n_train // self.global_batch),
+                                    cfg.seed, shuffle=cfg.data.shuffle, rank=self.dist.rank, world_size=world)
         self.train_loader = build_train_loader(self.data.train, self.sampler, cfg.data.num_workers, self.dev.type, self.dist.local_world_size)
         self.collate = self.train_loader.collate_fn
+        self.steps_per_epoch = getattr(self.train_loader, "steps_per_epoch", self.sampler.num_batches)  # a stream: what its shards hold
+        self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
         self.eval_batch_size = t.eval_batch_size or max(self.batch_size, 32)
 
     # ----------------------------------------------------------------------------------------- step

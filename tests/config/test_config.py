@@ -24,6 +24,8 @@ def _needs(group, option):
     """Extra overrides an option needs to be valid on its own (a data file path)."""
     if group in ("data", "eval_data") and option in ("csv", "json", "folder", "hf"):
         return [f"{group}.path=/tmp/somewhere"]
+    if group == "data" and option == "webdataset":
+        return ["data.urls=/tmp/somewhere/train-000000.tar"]
     return []
 
 
@@ -71,6 +73,8 @@ def test_trainer_keys_override(compose_cfg):
         (["domain.name=foo"], "clipexp: error: domain.name='foo' is invalid: one of general, medical, industrial, scientific"),
         (["trainer.foo=1"], "clipexp: error: Could not override 'trainer.foo'.: Key 'foo' not in 'TrainerConfig'"),
         (["data=csv"], "clipexp: error: data.path=None is invalid: a file or folder path is required for data.source=csv"),
+        (["data=webdataset"], "clipexp: error: data.urls=None is invalid: shard paths or a brace pattern are required for data=webdataset, "
+                              "e.g. /data/shards/train-{000000..000009}.tar"),
         (["model.image_interpolation=lanczos"], "clipexp: error: model.image_interpolation='lanczos' is invalid: one of bicubic, bilinear, nearest"),
     ],
 )
