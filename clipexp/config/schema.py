@@ -180,7 +180,7 @@ class TrainerConfig:
     monitor_mode: str = "max"
     keep_last: int = 2
     early_stopping_patience: Optional[int] = None
-    resume: Optional[str] = None  # latest | <checkpoint path>
+    resume: Optional[str] = None  # latest | latest_or_new | <run folder> | <checkpoint file>: this run's folder or the one named
     resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (README "What survives what")
     progress: bool = True
     dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job

@@ -283,19 +283,15 @@ def _is_numpy(name: str) -> bool:
         or name.startswith("numpy.dtypes.")
 
 
-def checkpoint_candidates(output_dir: Path) -> List[Path]:
-    """``step_*.pt`` newest first: this run's folder, else sibling runs under the same outputs root."""
-    own = sorted((Path(output_dir) / "checkpoints").glob(STEP_GLOB), reverse=True)
-    if own:
-        return own
-    root = Path(output_dir).parent.parent  # outputs/<date>/<time> -> outputs
-    found = list(root.glob(f"*/*/checkpoints/{STEP_GLOB}")) + list(root.glob(f"*/*/*/checkpoints/{STEP_GLOB}"))
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+def checkpoint_candidates(run_dir: Path) -> List[Path]:
+    """``step_*.pt`` of one run folder (its ``checkpoints/``), newest step first. Only that folder: a run never
+    picks another run's files (a sibling under the same outputs root may be someone else's experiment)."""
+    return sorted((Path(run_dir) / "checkpoints").glob(STEP_GLOB), reverse=True)
 
 
-def find_latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """Newest ``step_*.pt`` in this run's folder, else in sibling runs under the same outputs root."""
-    found = checkpoint_candidates(output_dir)
+def find_latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest ``step_*.pt`` in this run folder, or None."""
+    found = checkpoint_candidates(run_dir)
     return found[0] if found else None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
@@ -25,13 +25,28 @@ from clipexp.training.checkpoint import STEP_GLOB, CheckpointError, DamagedCheck
 log = logging.getLogger(__name__)
 
 
-def pick_checkpoint(resume: str, output_dir: Path, map_location=None) -> Tuple[Path, Dict[str, Any]]:
-    """``trainer.resume`` -> (path, state): ``latest`` skips damaged files (one warning each, naming the
-    one taken instead); an explicit path must itself be readable."""
-    explicit = resume != "latest"
-    paths = [Path(resume)] if explicit else checkpoint_candidates(output_dir)
-    if not paths or not paths[0].is_file():
-        raise ConfigError("trainer.resume", resume, "latest (with a checkpoint under outputs/) or a checkpoint file path")
+LATEST, LATEST_OR_NEW = "latest", "latest_or_new"
+
+
+def pick_checkpoint(resume: str, output_dir: Path, map_location=None) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``trainer.resume`` -> (path, state), or None for ``latest_or_new`` with nothing to resume.
+
+    ``latest`` / ``latest_or_new``: the newest readable step checkpoint of *this* run's folder; a run folder
+    (``trainer.resume=<run dir>``): the newest readable one there; a file: that checkpoint. ``latest`` skips
+    damaged files (one warning each, naming the one taken instead); an explicit file must itself be readable.
+    No other folder is ever searched."""
+    explicit = resume not in (LATEST, LATEST_OR_NEW) and Path(resume).is_file()
+    folder = Path(output_dir) if resume in (LATEST, LATEST_OR_NEW) else Path(resume)
+    paths = [Path(resume)] if explicit else checkpoint_candidates(folder)
+    if not paths and resume == LATEST_OR_NEW:
+        log.info("resume: no checkpoint in %s yet; starting a new run (trainer.resume=latest_or_new)", folder / "checkpoints")
+        return None
+    if not paths:
+        where = f"this run's folder has no checkpoint ({folder / 'checkpoints'})" if resume in (LATEST, LATEST_OR_NEW) else \
+            f"{resume} is neither a checkpoint file nor a run folder with checkpoints/step_*.pt"
+        raise ConfigError("trainer.resume", resume, f"{where}; resume a run with trainer.resume=<its run folder or checkpoint "
+                          f"file> (or hydra.run.dir=<its folder> trainer.resume=latest), or use trainer.resume=latest_or_new "
+                          f"to start fresh when there is none")
     damaged: List[DamagedCheckpoint] = []
     for path in paths if not explicit else paths + [p for p in sorted(paths[0].parent.glob(STEP_GLOB), reverse=True) if p != paths[0]]:
         try:
@@ -47,12 +62,13 @@ def pick_checkpoint(resume: str, output_dir: Path, map_location=None) -> Tuple[P
         return path, state
     if explicit:
         raise CheckpointError(f"{damaged[0]}; no other checkpoint beside it is readable: start without trainer.resume")
-    raise CheckpointError(f"trainer.resume=latest: no readable checkpoint: {', '.join(str(d.path) for d in damaged)} are all "
+    raise CheckpointError(f"trainer.resume={resume}: no readable checkpoint: {', '.join(str(d.path) for d in damaged)} are all "
                           f"truncated or corrupt; start without trainer.resume, or point it at a good copy")
 
 
-def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Tuple[Path, Dict[str, Any], List[Tuple[str, Any, Any]]]:
-    """What ``trainer.resume=latest|<path>`` resumes from: (path, state, the allowed (key, old, new) changes).
+def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Optional[Tuple[Path, Dict[str, Any], List[Tuple[str, Any, Any]]]]:
+    """What ``trainer.resume=latest|latest_or_new|<run dir>|<file>`` resumes from: (path, state, the allowed
+    (key, old, new) changes), or None when ``latest_or_new`` finds nothing to resume.
 
     Rank 0 picks the file (skipping damaged ones, see :func:`pick_checkpoint`) and sends its path
     to the others, which must be able to read the same file (outputs on a filesystem every node
@@ -63,7 +79,8 @@ def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Tuple[P
     path, state, refusal = None, None, None
     if dist.is_main:
         try:
-            path, state = pick_checkpoint(resume, output_dir, map_location)
+            picked = pick_checkpoint(resume, output_dir, map_location)
+            path, state = picked if picked is not None else ("", None)
         except ConfigError as err:
             refusal = err
     path, message = dist.broadcast((path, None if refusal is None else str(refusal)))  # every rank stops alike
@@ -71,6 +88,8 @@ def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Tuple[P
         raise refusal
     if message is not None:
         raise CheckpointError(message)
+    if path == "":  # latest_or_new with nothing to resume: a new run
+        return None
     if state is None:
         if not Path(path).is_file():
             raise ConfigError("trainer.resume", resume, f"a checkpoint every rank can read; rank 0 found {path} but rank "

@@ -101,8 +101,8 @@ class Trainer:
             dist=self.dist, device=self.device, batch_size=self.eval_batch_size, max_length=cfg.model.max_sequence_length,
             class_names=self.data.class_names, templates=cfg.domain.prompt_templates)
 
-        # resume before tracking: the checkpoint names the MLflow run to continue
-        resumed = self.load_checkpoint(*resume_checkpoint(cfg, self.output_dir, self.dist, self.device)) if t.resume else None
+        found = resume_checkpoint(cfg, self.output_dir, self.dist, self.device) if t.resume else None  # before tracking: it names the run
+        resumed = self.load_checkpoint(*found) if found else None
         # the module the step runs: the two towers, under DDP with several processes, except for exact
         # accumulation of several micro-batches (GradCache runs the towers itself and averages once, in _accumulate)
         exact = t.accumulation == "exact" and t.gradient_accumulation_steps > 1

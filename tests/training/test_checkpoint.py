@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import time
 
 import numpy as np
 import pytest
@@ -48,25 +46,28 @@ def test_save_keeps_the_last_k_steps_and_never_the_temp_file_or_best(tmp_path):
     assert (best["step"], best["monitor"], best["value"], best["model"]["w"].tolist()) == (1, "val/loss", 0.5, [1.0])
 
 
-def test_latest_is_this_runs_newest_step_else_the_newest_sibling_run(tmp_path):
+def test_latest_looks_only_in_this_runs_folder_never_in_a_sibling(tmp_path):
     outputs = tmp_path / "outputs"
-    older, newer, this = (outputs / "2026-01-01" / t for t in ("10-00-00", "11-00-00", "12-00-00"))
-    for run, steps in ((older, (4, 8)), (newer, (2,))):
-        for step in steps:
-            checkpoint.save_checkpoint(checkpoint.step_path(run / "checkpoints", step), {"step": step})
-    past = time.time() - 100
-    os.utime(older / "checkpoints" / "step_0000008.pt", (past, past))  # newer's step 2 is the most recent file
-    assert checkpoint.find_latest_checkpoint(this) == newer / "checkpoints" / "step_0000002.pt"
+    sibling, this = (outputs / "2026-01-01" / t for t in ("11-00-00", "12-00-00"))
+    checkpoint.save_checkpoint(checkpoint.step_path(sibling / "checkpoints", 2), {"step": 2})  # someone else's run, newer file
+    assert checkpoint.find_latest_checkpoint(this) is None
+    with pytest.raises(ConfigError, match=r"^trainer.resume='latest' is invalid: this run's folder has no checkpoint "
+                                          r"\(.*12-00-00/checkpoints\); .*trainer.resume=latest_or_new"):
+        pick_checkpoint("latest", this)
+    assert pick_checkpoint("latest_or_new", this) is None  # a new run, not the sibling's
     checkpoint.save_checkpoint(checkpoint.step_path(this / "checkpoints", 1), {"step": 1})
     assert checkpoint.find_latest_checkpoint(this) == this / "checkpoints" / "step_0000001.pt"
-    assert pick_checkpoint("latest", this)[0] == this / "checkpoints" / "step_0000001.pt"
+    assert pick_checkpoint("latest", this)[0] == pick_checkpoint("latest_or_new", this)[0] == this / "checkpoints" / "step_0000001.pt"
+    # a run folder named explicitly: its newest checkpoint
+    path, state = pick_checkpoint(str(sibling), this)
+    assert (path, state["step"]) == (sibling / "checkpoints" / "step_0000002.pt", 2)
 
 
 def test_resume_with_nothing_to_resume_names_the_key(tmp_path):
     run = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
-    with pytest.raises(ConfigError, match=r"^trainer.resume='latest' is invalid: latest \(with a checkpoint under outputs/\)"):
+    with pytest.raises(ConfigError, match=r"^trainer.resume='latest' is invalid: this run's folder has no checkpoint"):
         pick_checkpoint("latest", run)
-    with pytest.raises(ConfigError, match=r"trainer.resume='/nope.pt' is invalid"):
+    with pytest.raises(ConfigError, match=r"trainer.resume='/nope.pt' is invalid: /nope.pt is neither a checkpoint file nor a run folder"):
         pick_checkpoint("/nope.pt", run)
 
 

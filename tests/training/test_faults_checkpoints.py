@@ -262,3 +262,20 @@ def test_old_format_checkpoint_says_how_to_upgrade_and_the_upgrade_resumes(work)
     assert torch.load(ckpt(work, 4), weights_only=True)["step"] == 4
     _train(work, "trainer.resume=latest")
     _assert_same_results_as_reference(work)
+
+
+def test_resume_latest_never_continues_a_sibling_run(work):
+    """A new run folder beside a run with checkpoints: ``latest`` refuses in one line (the sibling's files are
+    not this run's), ``latest_or_new`` starts a new run from step 0, and naming the sibling's folder resumes it."""
+    from clipexp.errors import ConfigError
+    from clipexp.training.trainer import train
+
+    sibling = work / "new"
+    with pytest.raises(ConfigError, match=r"^trainer.resume='latest' is invalid: this run's folder has no checkpoint"):
+        train(_cfg(work, "trainer.resume=latest"), output_dir=sibling)
+    assert not (sibling / "checkpoints").exists() or not list((sibling / "checkpoints").iterdir())
+    fresh = train(_cfg(work, "trainer.resume=latest_or_new", "trainer.max_steps=2"), output_dir=sibling)
+    assert sorted(p.name for p in (sibling / "checkpoints").glob("step_*.pt")) == ["step_0000002.pt"]
+    assert fresh["baseline"] and json.loads((sibling / "metrics.json").read_text()).get("resumed_from") in (None, "")
+    named = train(_cfg(work, f"trainer.resume={work / 'run'}"), output_dir=work / "third")  # the run folder, named
+    assert named["final"] == json.loads((work / "reference_metrics.json").read_text())["final"]
