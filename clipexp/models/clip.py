@@ -133,40 +133,69 @@ def load_clip(
     image_resolution: int = 224,
     max_sequence_length: int = 77,
     image_interpolation: Optional[str] = None,
+    family: Optional[str] = None,
+    arch: Optional[str] = None,
+    pretrained: Optional[str] = None,
 ) -> Tuple[nn.Module, Any]:
-    """Return ``(CLIPModel, CLIPProcessor)``.
+    """Return ``(model, processor)`` of any family (:mod:`clipexp.models.families`).
 
     ``image_interpolation`` (``model.image_interpolation``; None keeps the processor's own) becomes the
     image processor's ``resample``, so a saved ``model/`` resizes as the run did in plain transformers too.
 
-    ``name_or_path``: a hub id (``openai/clip-vit-base-patch32``), a local ``save_pretrained``
-    directory, or a clipexp run folder (its ``model/`` is loaded). ``None`` with ``architecture`` builds a random-weight CLIP and a generated tokenizer.
+    ``name_or_path``: a hub id (``openai/clip-vit-base-patch32``, ``google/siglip-base-patch16-224``), a
+    local folder in any family's layout, or a clipexp run folder (its ``model/`` is loaded). ``None``
+    with ``architecture`` builds a random-weight model of ``family`` (default clip) and a generated
+    tokenizer. open_clip: ``arch`` (``ViT-B-32``, ``RN50``, a saved folder) and ``pretrained`` (a tag,
+    a checkpoint file, or ``hf-hub:<id>``).
     """
     from clipexp.data.images import PIL_RESAMPLE, RESIZE_INTERPOLATION  # here: clipexp.data imports this module
+    from clipexp.models import families as fam
+
+    arch_dict = None if architecture is None else (asdict(architecture) if is_dataclass(architecture) else dict(architecture))
+    family = fam.detect_family(name_or_path or arch or pretrained, family)
+    resample = PIL_RESAMPLE[image_interpolation] if image_interpolation is not None else None
+    if family == "open_clip":
+        if name_or_path is not None and arch is None:
+            arch = name_or_path if not str(name_or_path).startswith("hf-hub:") else None
+            pretrained = name_or_path if str(name_or_path).startswith("hf-hub:") else pretrained
+        if arch and _looks_like_path(arch):
+            arch = str(fam.resolve_saved(Path(arch).expanduser()))
+        try:
+            return fam.load_open_clip_family(arch, pretrained, arch_dict, image_resolution, max_sequence_length,
+                                             resample if (arch or pretrained) else PIL_RESAMPLE[image_interpolation or RESIZE_INTERPOLATION])
+        except (ConnectionError, ValueError, FileNotFoundError, RuntimeError) as err:
+            raise ModelLoadError(str(err).splitlines()[0]) from None
 
     if name_or_path is None:
-        if architecture is None:
+        if arch_dict is None:
             raise ModelLoadError("model.name_or_path is null and no model.architecture is set; use model=tiny or a hub id")
-        model = build_model(architecture, image_resolution, max_sequence_length)  # weights follow the caller's seed
-        return model, build_processor(image_resolution, max_sequence_length, PIL_RESAMPLE[image_interpolation or RESIZE_INTERPOLATION])
-
-    from transformers import CLIPModel, CLIPProcessor
+        resample = PIL_RESAMPLE[image_interpolation or RESIZE_INTERPOLATION]
+        if family == "siglip":
+            return fam.build_siglip(arch_dict, image_resolution, max_sequence_length, resample)
+        model = build_model(arch_dict, image_resolution, max_sequence_length)  # weights follow the caller's seed
+        return model, build_processor(image_resolution, max_sequence_length, resample)
 
     local = _looks_like_path(name_or_path)
     path = str(Path(name_or_path).expanduser()) if local else name_or_path
     if local and not Path(path).is_dir():
         raise ModelLoadError(f"model.name_or_path={name_or_path!r}: no such directory; give a save_pretrained folder or a hub id")
     path = str(resolve_run_folder(path)) if local else path
+    if family == "siglip":
+        try:
+            return fam.load_siglip(path, local, max_sequence_length, resample)
+        except (ConnectionError, ValueError) as err:
+            raise ModelLoadError(str(err).splitlines()[0]) from None
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    kwargs = {} if local or fam.hub_reachable() else {"local_files_only": True}  # no ~50 s of retries offline
     try:
-        model = CLIPModel.from_pretrained(path)
-        processor = CLIPProcessor.from_pretrained(path)
+        model = CLIPModel.from_pretrained(path, **kwargs)
+        processor = CLIPProcessor.from_pretrained(path, **kwargs)
     except OSError as err:
         if local:
             raise ModelLoadError(f"model.name_or_path={name_or_path!r} is not a CLIP save_pretrained folder ({str(err).splitlines()[0]})") from None
-        raise ModelLoadError(
-            f"cannot load {name_or_path!r}: the Hugging Face hub is unreachable (or the id is unknown) and it is "
-            f"not in the local cache; run offline with model=tiny, or set model.name_or_path=/path/to/a/local/clip"
-        ) from None
+        raise ModelLoadError(fam.offline_error(name_or_path)) from None
     if max_sequence_length:
         processor.tokenizer.model_max_length = max_sequence_length
     if image_interpolation is not None:
@@ -182,6 +211,12 @@ def load_clip(
 def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, normalize: bool = True,
                   text_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Text embeddings ``[N, D]``; with ``text_index`` (from :func:`pack_captions`) row ``i`` is caption ``text_index[i]``."""
+    spec = getattr(model, "clipexp_text", None)  # SigLIP: the trained length, no mask (see clipexp.models.families)
+    if spec is not None:
+        if input_ids.shape[1] < spec["length"]:
+            input_ids = F.pad(input_ids, (0, spec["length"] - input_ids.shape[1]), value=spec["pad_id"])
+        if not spec["mask"]:
+            attention_mask = None
     pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
     feats = model.text_projection(pooled)
     feats = F.normalize(feats.float(), dim=-1) if normalize else feats
