@@ -7,7 +7,7 @@
 Each candidate is a list of Hydra overrides on top of ``experiment=quickstart`` (so ``preset`` is the
 quick start as shipped). Every (candidate, seed) is composed as the CLI composes it
 (``compose_and_validate``), with ``tracking.enabled=false``, and trained in this process through
-``clipexp.train.train(cfg)`` into a temporary folder; the test metric is the test split evaluated with
+``clipexp.training.trainer.train(cfg)`` into a temporary folder; the test metric is the test split evaluated with
 the best checkpoint selected on ``trainer.monitor`` (val). Results are appended, one JSON line per run,
 to ``--results`` (so a search can be done in several invocations; a (candidate, seed) already there is
 skipped), and the table is printed: candidate, mean +- std (sample std, n-1) of the test balanced
@@ -113,7 +113,7 @@ def per_class_recall(run_dir: Path) -> Dict[str, float]:
     which class a candidate gets right (the global defect is easy; the local defect is the hard one)."""
     import csv
 
-    from clipexp.inference import CLIPInference
+    from clipexp.serving.inference import CLIPInference
 
     inference = CLIPInference.from_pretrained(run_dir / "model", device="cpu")
     rows = list(csv.DictReader((run_dir / "test_split.csv").open()))
@@ -127,8 +127,8 @@ def per_class_recall(run_dir: Path) -> Dict[str, float]:
 
 
 def run_one(name: str, overrides: List[str], seed: int) -> Dict:
-    from clipexp.__main__ import compose_and_validate
-    from clipexp.train import train
+    from clipexp.cli.train import compose_and_validate
+    from clipexp.training.trainer import train
 
     cfg = compose_and_validate(["experiment=quickstart", *overrides, f"seed={seed}", "tracking.enabled=false",
                                 "trainer.progress=false"])

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 def test_split(tmp: Path, uri: str, model: str | None):
     """(run id, the 200 test image paths): trains `experiment=smoke` on all 2,000 images for 2 steps when no model is given."""
-    from clipexp.__main__ import compose_and_validate
-    from clipexp.train import Trainer
+    from clipexp.cli.train import compose_and_validate
+    from clipexp.training.trainer import Trainer
 
     overrides = ["experiment=smoke", "data.max_samples=null", "trainer.max_steps=2", f"tracking.uri={uri}", "tracking.pyfunc_model=true"]
     cfg = compose_and_validate(overrides)
@@ -47,8 +47,8 @@ def test_split(tmp: Path, uri: str, model: str | None):
         return trainer.tracker.run_id, trainer.data.test.image_paths
     from omegaconf import OmegaConf
 
-    from clipexp.data import build_datasets
-    from clipexp.models import load_clip
+    from clipexp.data.dataset import build_datasets
+    from clipexp.models.clip import load_clip
 
     _, processor = load_clip(None, OmegaConf.to_container(cfg.model.architecture), cfg.model.image_resolution, cfg.model.max_sequence_length)
     data = build_datasets(OmegaConf.to_container(cfg.data, resolve=True), processor=processor, image_resolution=cfg.model.image_resolution,

@@ -227,12 +227,12 @@ def clipexp_setup(args, images_on_disk: bool = False) -> SimpleNamespace:
     """(a)'s run config, device, model, processor and datasets, made by the trainer's own builders (the
     same seed: the same weights and the same train split). ``images_on_disk``: no image cache and no
     decoding up front (for (b) and (c), which read a few images or decode their own)."""
-    from clipexp.__main__ import compose_and_validate
-    from clipexp.checkpoint import seed_everything
-    from clipexp.data import collate_fn
+    from clipexp.cli.train import compose_and_validate
+    from clipexp.data.dataloader import collate_fn
     from clipexp.device import build_device
-    from clipexp.models import build_training_model
-    from clipexp.train_data import build_data
+    from clipexp.models.training import build_training_model
+    from clipexp.training.checkpoint import seed_everything
+    from clipexp.training.data import build_data
 
     extra = ["data.cache_images=none", "data.check_images=false"] if images_on_disk else []
     cfg = compose_and_validate(_clipexp_overrides(args, model_spec(args)) + extra)
@@ -251,8 +251,8 @@ def clipexp_setup(args, images_on_disk: bool = False) -> SimpleNamespace:
 def measure_clipexp(args, extra: tuple = ()) -> Dict[str, Any]:
     import torch
 
-    from clipexp.__main__ import compose_and_validate
-    from clipexp.train import Trainer
+    from clipexp.cli.train import compose_and_validate
+    from clipexp.training.trainer import Trainer
 
     spec = model_spec(args)
     cfg = compose_and_validate(_clipexp_overrides(args, spec) + list(extra))
@@ -310,12 +310,12 @@ def measure_bare(args) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from clipexp.losses import build_loss
-    from clipexp.models import image_features, text_features
-    from clipexp.optim import build_optimizer, trainable_parameters
-    from clipexp.train_data import DeviceBatches, text_has_dropout
+    from clipexp.models.clip import image_features, text_features
+    from clipexp.training.data import DeviceBatches, text_has_dropout
+    from clipexp.training.optim import build_optimizer, trainable_parameters
 
     if args.measure == "b1" and args.device == "cpu":  # the compute threads the trainer keeps for itself on CPU
-        from clipexp.train import default_train_threads, default_train_workers
+        from clipexp.training.data import default_train_threads, default_train_workers
 
         cores = os.cpu_count() or 1
         workers = args.workers if args.workers is not None else default_train_workers(cores, "cpu")
@@ -562,7 +562,7 @@ def parse_args(argv: Optional[List[str]] = None):
                         "b1 = (b') the bare step with the trainer's CPU thread count)")
     p.add_argument("--bare-threads", type=int, default=None, help="torch threads for (b) (default: torch's, all cores)")
     p.add_argument("--trainer-threads", type=int, default=None,
-                   help="experiment: torch threads for (a) after setup (default: the trainer's choice, clipexp.train.default_train_threads)")
+                   help="experiment: torch threads for (a) after setup (default: the trainer's choice, clipexp.training.trainer.default_train_threads)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU (default: looked up by name on CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra clipexp config override for (a) and (b) (and the model of (c))")
     p.add_argument("--seed", type=int, default=0)

@@ -162,7 +162,7 @@ class DeviceManager:
 
 def build_device(device_cfg: Any, distributed: bool = False) -> DeviceManager:
     """The run config's ``device`` section resolved (and logged); MPS is refused under torchrun."""
-    from clipexp.config import ConfigError
+    from clipexp.errors import ConfigError
 
     devices = DeviceManager(device_cfg.type, device_cfg.precision)
     devices.log_device_info()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from clipexp.models import image_features, text_features
+from clipexp.models.clip import image_features, text_features
 
 RECALL_KS = (1, 5, 10)
 
@@ -105,7 +105,7 @@ class Evaluator:
     """The metrics of a model on a split: ``metrics(split, dataset)``.
 
     ``prepare``: a loader batch -> the towers' inputs on the device (the trainer's ``DeviceBatches``);
-    ``dist``: the :class:`~clipexp.distributed.DistContext` (a single process is a context of one).
+    ``dist``: the :class:`~clipexp.training.distributed.DistContext` (a single process is a context of one).
     """
 
     def __init__(self, model, loss_fn, processor, *, prepare: Callable, collate: Callable, autocast: Callable, dist,

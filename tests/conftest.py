@@ -63,7 +63,7 @@ def _threads(request):
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(*overrides) -> the composed, validated run config (as the CLI composes it)."""
-    from clipexp.__main__ import compose_and_validate
+    from clipexp.cli.train import compose_and_validate
 
     return lambda *overrides: compose_and_validate(list(overrides))
 
@@ -87,8 +87,8 @@ def run_cli(tmp_path):
 def tiny_controller():
     import torch
 
-    from clipexp.config import CLIPFinetuningConfig
-    from clipexp.models import CLIPFinetuningController
+    from clipexp.config.validate import CLIPFinetuningConfig
+    from clipexp.models.clip import CLIPFinetuningController
 
     torch.manual_seed(0)
     cfg = CLIPFinetuningConfig(model_name="tiny", image_resolution=64, max_sequence_length=32, device="cpu")

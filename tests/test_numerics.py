@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from numerics import EPS, REORDER, assert_all_close, assert_close, eps_times
 
 

@@ -10,10 +10,11 @@ from clipexp.data.dataset import CLIPDataset, DataSplits, MultiCaptionCLIPDatase
 from clipexp.data.images import decode_image_file, load_resized
 from clipexp.data.loaders import DatasetLoader, load_pairs
 from clipexp.data.pairs import ImageTextPair, assign_group_ids, normalize_caption
+from clipexp.data.problems import DataValidationError, Problem
 from clipexp.data.split import split_pairs
+from clipexp.data.text import TextTransform
 from clipexp.data.textile import TEXTILE_CAPTIONS, TEXTILE_CLASSES
-from clipexp.data.transforms import ImageTransform, MultiResolutionImageTransform, TextTransform
-from clipexp.data.validation import DataValidationError, Problem
+from clipexp.data.transforms import ImageTransform, MultiResolutionImageTransform
 
 __all__ = [
     "CLIPDataset",

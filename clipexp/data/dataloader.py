@@ -86,7 +86,7 @@ def create_dataloader(
     """A DataLoader over a CLIP dataset (rules in the module doc).
 
     ``shuffle=None``: ``config.shuffle`` when a config is given, else True. ``config`` is a
-    :class:`~clipexp.config.CLIPFinetuningConfig` (``batch_size`` is taken from the argument).
+    :class:`~clipexp.config.validate.CLIPFinetuningConfig` (``batch_size`` is taken from the argument).
     """
     if shuffle is None:
         shuffle = bool(getattr(config, "shuffle", True)) if config is not None else True

@@ -36,11 +36,10 @@ from torch.utils.data import Dataset, get_worker_info
 from clipexp.data.cache import ImageCache
 from clipexp.data.images import RESIZE_INTERPOLATION, ImageDecodeError, check_interpolation, load_resized
 from clipexp.data.pairs import ImageTextPair, caption_group_ids, class_names_of
+from clipexp.data.problems import DataValidationError, Problem
 from clipexp.data.split import SPLITS, check_split_sizes, split_pairs
-from clipexp.data.text import warn_long_captions
-from clipexp.data.transforms import (DEFAULT_TEMPLATES, ImageTransform, MultiResolutionImageTransform, TextTransform,
-                                     processor_mean_std)
-from clipexp.data.validation import DataValidationError, Problem
+from clipexp.data.text import DEFAULT_TEMPLATES, TextTransform, warn_long_captions
+from clipexp.data.transforms import ImageTransform, MultiResolutionImageTransform, processor_mean_std
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class CLIPDataset(Dataset):
     """Image-text pairs -> item dicts (see module doc). Uses each pair's first caption.
 
     ``processor``: a CLIPProcessor (its tokenizer and image mean/std are used) or a tokenizer.
-    ``config``: an optional :class:`~clipexp.config.CLIPFinetuningConfig` (``image_resolution``,
+    ``config``: an optional :class:`~clipexp.config.validate.CLIPFinetuningConfig` (``image_resolution``,
     ``max_sequence_length``, ``seed``). Without ``image_transform`` the eval transform is used;
     for augmentation pass ``ImageTransform(config, augment=True)`` (or use :func:`build_datasets`).
     ``cache``: an :class:`~clipexp.data.ImageCache` or a mode string (``memory|disk|none|auto``).

@@ -14,16 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from clipexp.data.pairs import IMAGE_EXTENSIONS, ImageTextPair
-from clipexp.data.validation import (
-    Candidate,
-    DataValidationError,
-    Problem,
-    check_on_error,
-    clean_captions,
-    finalize_with,
-    one_problem,
-    resolve_image,
-)
+from clipexp.data.problems import DataValidationError, Problem, one_problem
+from clipexp.data.validation import Candidate, check_on_error, clean_captions, finalize_with, resolve_image
 
 PathLike = Union[str, Path]
 Result = Tuple[List[ImageTextPair], List[Problem]]

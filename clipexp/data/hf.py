@@ -9,17 +9,8 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from clipexp.data.pairs import ImageTextPair
-from clipexp.data.validation import (
-    Candidate,
-    DataValidationError,
-    Problem,
-    check_on_error,
-    clean_captions,
-    finalize_with,
-    one_problem,
-    outside_root,
-    resolve_image,
-)
+from clipexp.data.problems import DataValidationError, Problem, one_problem
+from clipexp.data.validation import Candidate, check_on_error, clean_captions, finalize_with, outside_root, resolve_image
 
 log = logging.getLogger(__name__)
 

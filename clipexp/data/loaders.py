@@ -24,19 +24,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
-from clipexp.data.formats import JSON_CAPTION_KEYS, JSON_IMAGE_KEYS, json_items_with_lines, read_csv, read_directory, read_json
+from clipexp.data.formats import read_csv, read_directory, read_json
 from clipexp.data.hf import read_hf
 from clipexp.data.pairs import ImageTextPair
+from clipexp.data.problems import Problem
 from clipexp.data.textile import read_textile
-from clipexp.data.validation import Problem
 
 PathLike = Union[str, Path]
 Result = Tuple[List[ImageTextPair], List[Problem]]
 
-__all__ = [
-    "JSON_CAPTION_KEYS", "JSON_IMAGE_KEYS", "DatasetLoader", "json_items_with_lines", "load_pairs", "read_csv",
-    "read_directory", "read_hf", "read_json", "read_source", "read_textile",
-]
+__all__ = ["DatasetLoader", "load_pairs", "read_source"]
 
 
 class DatasetLoader:

@@ -21,7 +21,7 @@ import random
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from clipexp.data.pairs import ImageTextPair
-from clipexp.data.validation import DataValidationError
+from clipexp.data.problems import DataValidationError
 
 SPLITS = ("train", "val", "test")
 

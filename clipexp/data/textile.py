@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from clipexp.data.validation import Candidate, DataValidationError, Problem, check_on_error, finalize_with
+from clipexp.data.problems import DataValidationError, Problem
+from clipexp.data.validation import Candidate, check_on_error, finalize_with
 
 #: sub-folder -> class name
 TEXTILE_CLASSES: Dict[str, str] = {"nominal": "nominal", "local": "local defect", "global": "global defect"}

@@ -37,18 +37,14 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torchvision.transforms import v2
 
-from clipexp.data.augment import GRAY_WEIGHTS, AugmentParams, _hwc, center_crop_box, color_matrix, jitter, random_crop, warp
+from clipexp.data.augment import AugmentParams, _hwc, center_crop_box, jitter, random_crop, warp
 from clipexp.data.images import RESIZE_INTERPOLATION, check_interpolation, resize_shorter
 from clipexp.data.normalize import PixelNormalizer
-from clipexp.data.text import DEFAULT_TEMPLATES, TextTransform, get_tokenizer
+from clipexp.data.text import DEFAULT_TEMPLATES
 from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-# the names this module has always offered (tests, the trainer and user code import them from here)
-__all__ = [
-    "DEFAULT_POLICY", "DEFAULT_TEMPLATES", "GRAY_WEIGHTS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "OUTPUTS", "AugmentParams",
-    "ImageTransform", "MultiResolutionImageTransform", "PixelNormalizer", "TextTransform", "center_crop_box",
-    "color_matrix", "domain_defaults", "get_tokenizer", "processor_mean_std", "to_uint8_tensor",
-]
+__all__ = ["DEFAULT_POLICY", "OUTPUTS", "ImageTransform", "MultiResolutionImageTransform", "domain_defaults", "processor_mean_std",
+           "to_uint8_tensor"]
 
 Tensor = torch.Tensor
 
@@ -62,21 +58,16 @@ def _as_dict(obj: Any) -> Dict[str, Any]:
         return {}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
-    if isinstance(obj, Mapping):
+    if isinstance(obj, Mapping):  # a dict, or an OmegaConf DictConfig (a MutableMapping whose values resolve on access)
         return dict(obj.items())
-    try:  # OmegaConf DictConfig
-        from omegaconf import OmegaConf
-
-        return dict(OmegaConf.to_container(obj, resolve=True))  # type: ignore[arg-type]
-    except Exception:
-        return dict(vars(obj))
+    return dict(vars(obj))
 
 
 @functools.lru_cache(maxsize=None)
 def _domain_yaml(name: str) -> Dict[str, Any]:
     import yaml
 
-    from clipexp.config import CONF_DIR
+    from clipexp.paths import CONF_DIR
 
     try:
         return yaml.safe_load((CONF_DIR / "domain" / f"{name}.yaml").read_text()) or {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from clipexp.config import LOSSES  # one list of allowed names, shared with config validation
+from clipexp.names import LOSSES  # one list of allowed names, shared with config validation
 
 from .contrastive import MAX_LOGIT_SCALE, CLIPContrastiveLoss, ContrastiveLossBase
 from .distributed import gather_with_grad, world_size

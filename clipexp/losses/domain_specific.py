@@ -6,7 +6,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from clipexp.config import DOMAINS  # one list of allowed names, shared with config validation
+from clipexp.names import DOMAINS  # one list of allowed names, shared with config validation
 
 from .contrastive import ContrastiveLossBase
 from .targets import (

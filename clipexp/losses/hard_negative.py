@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from clipexp.config import MINING_STRATEGIES  # one list of allowed names, shared with config validation
+from clipexp.names import MINING_STRATEGIES  # one list of allowed names, shared with config validation
 
 from .contrastive import ContrastiveLossBase
 from .targets import contrastive_cross_entropy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional
 
-from clipexp.config import SCHEDULES  # one list of allowed names, shared with config validation
+from clipexp.names import SCHEDULES  # one list of allowed names, shared with config validation
 
 
 class TemperatureScheduler:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -25,6 +25,22 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded. The message is one line saying what to do instead."""
+
+
+@dataclass
+class ArchitectureConfig:
+    """Sizes of a CLIP built from a ``CLIPConfig`` with random weights (``model=tiny``)."""
+
+    projection_dim: int = 64
+    patch_size: int = 8
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate_size: int = 128
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate_size: int = 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,12 +285,11 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 class CLIPFinetuningController:
     """Load a CLIP onto the chosen device and encode with it (the original notes' controller).
 
-    ``config`` is a :class:`clipexp.config.CLIPFinetuningConfig`. ``model_name=None`` (or ``"tiny"``)
+    ``config`` is a :class:`clipexp.config.validate.CLIPFinetuningConfig`. ``model_name=None`` (or ``"tiny"``)
     builds a random-weight CLIP of ``architecture`` (default: ``ArchitectureConfig()``), offline.
     """
 
     def __init__(self, config, architecture=None, device_manager=None):
-        from clipexp.config import ArchitectureConfig
         from clipexp.device import DeviceManager
 
         self.config = config

@@ -12,8 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clipexp.data import (CLIPDataset, DatasetLoader, DataValidationError, ImageCache, ImageTransform, build_datasets,
-                          decode_image_file)
+from clipexp.data.cache import ImageCache
+from clipexp.data.dataset import CLIPDataset, build_datasets
+from clipexp.data.images import decode_image_file
+from clipexp.data.loaders import DatasetLoader
+from clipexp.data.problems import DataValidationError
+from clipexp.data.transforms import ImageTransform
 
 RES, MAX_LEN = 32, 16  # as the processor fixture of tests/data/conftest.py
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipexp.data import CLIPDataset, DatasetLoader, ImageCache, ImageTransform, load_resized
-from clipexp.data.cache import estimate_bytes
-from clipexp.data.loaders import read_csv
+from clipexp.data.cache import ImageCache, estimate_bytes
+from clipexp.data.dataset import CLIPDataset
+from clipexp.data.formats import read_csv
+from clipexp.data.images import load_resized
+from clipexp.data.loaders import DatasetLoader
+from clipexp.data.transforms import ImageTransform
 
 AUG = {"crop_scale_min": 0.6, "hflip": True, "rotation_degrees": 20.0, "color_jitter": 0.2}
 NAMES = ["a.jpg", "b.png", "sub/c.jpg", "d.jpg"]

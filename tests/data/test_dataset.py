@@ -8,17 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clipexp.data import (
-    CLIPDataset,
-    DatasetLoader,
-    ImageTextPair,
-    ImageTransform,
-    MultiCaptionCLIPDataset,
-    TextTransform,
-    build_datasets,
-    collate_fn,
-    item_seed,
-)
+from clipexp.data.dataloader import collate_fn
+from clipexp.data.dataset import CLIPDataset, MultiCaptionCLIPDataset, build_datasets, item_seed
+from clipexp.data.loaders import DatasetLoader
+from clipexp.data.pairs import ImageTextPair
+from clipexp.data.text import TextTransform
+from clipexp.data.transforms import ImageTransform
 
 AUG = {"crop_scale_min": 0.5, "hflip": True, "vflip": True, "rotation_degrees": 30.0, "color_jitter": 0.3}
 
@@ -68,7 +63,7 @@ def test_item_shapes_dtypes_labels_groups(pairs, processor):
 
 
 def test_config_sets_resolution_length_and_seed(pairs, processor):
-    from clipexp.config import CLIPFinetuningConfig
+    from clipexp.config.validate import CLIPFinetuningConfig
 
     cfg = CLIPFinetuningConfig(image_resolution=24, max_sequence_length=12, seed=9)
     ds = CLIPDataset(pairs, processor, cfg)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from clipexp.data import DatasetLoader, DataValidationError, ImageTextPair, load_pairs, normalize_caption
-from clipexp.data.pairs import assign_group_ids
-
+from clipexp.data.loaders import DatasetLoader, load_pairs
+from clipexp.data.pairs import ImageTextPair, assign_group_ids, normalize_caption
+from clipexp.data.problems import DataValidationError
 
 
 def write_csv(path: Path, text: str) -> Path:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from clipexp.data import ImageTextPair, split_pairs
-from clipexp.data.split import apportion, stratified_assign
+from clipexp.data.pairs import ImageTextPair
+from clipexp.data.split import apportion, split_pairs, stratified_assign
 
 
 def make_pairs(counts, captions_per_image=1):

@@ -9,16 +9,15 @@ import torch
 
 pytest.importorskip("conformal_clip_data")
 
-from clipexp.data import (  # noqa: E402
-    TEXTILE_CAPTIONS,
-    CLIPDataset,
-    DatasetLoader,
-    ImageCache,
-    build_datasets,
-    create_dataloader,
-    split_pairs,
+from clipexp.data.cache import ImageCache
+from clipexp.data.dataloader import create_dataloader
+from clipexp.data.dataset import CLIPDataset, build_datasets
+from clipexp.data.loaders import DatasetLoader
+from clipexp.data.split import split_pairs
+from clipexp.data.textile import (
+    TEXTILE_CAPTIONS,  # noqa: E402
+    textile_root,  # noqa: E402
 )
-from clipexp.data.textile import textile_root  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-import yaml
-
-from clipexp.config import CONF_DIR, AugmentationConfig, CLIPFinetuningConfig
-from clipexp.data import ImageTransform, MultiResolutionImageTransform, TextTransform
+from clipexp.config.schema import AugmentationConfig
+from clipexp.config.validate import CLIPFinetuningConfig
+from clipexp.data.augment import GRAY_WEIGHTS, AugmentParams, color_matrix
 from clipexp.data.images import resize_shorter
-from clipexp.data.transforms import GRAY_WEIGHTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AugmentParams, PixelNormalizer, color_matrix
+from clipexp.data.normalize import PixelNormalizer
+from clipexp.data.text import TextTransform
+from clipexp.data.transforms import ImageTransform, MultiResolutionImageTransform
+from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from clipexp.paths import CONF_DIR
 
 
 def solid(h, w, rgb=(255, 0, 51)):

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from clipexp.data import CLIPDataset, DatasetLoader, DataValidationError, decode_image_file
-from clipexp.data.images import ImageDecodeError
+from clipexp.data.dataset import CLIPDataset
+from clipexp.data.images import ImageDecodeError, decode_image_file
+from clipexp.data.loaders import DatasetLoader
+from clipexp.data.problems import DataValidationError
 
 BAD_CSV = (
     "image_path,caption,label\n"
@@ -137,7 +139,7 @@ def test_image_broken_after_loading_raises_data_validation_error_naming_the_file
 
 
 def test_image_broken_during_training_raises_data_validation_error_from_a_worker(image_root: Path, processor):
-    from clipexp.data import create_dataloader
+    from clipexp.data.dataloader import create_dataloader
 
     csv = image_root / "ok.csv"
     csv.write_text("image_path,caption\na.jpg,one\nd.jpg,two\n")

@@ -5,19 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipexp.losses import (
-    DOMAINS,
-    LOSSES,
-    MINING_STRATEGIES,
-    CLIPContrastiveLoss,
-    DomainSpecificLoss,
-    HardNegativeMiningLoss,
-    MultiScaleLoss,
-    SigLIPLoss,
-    build_loss,
-    gather_with_grad,
-)
-from clipexp.losses.distributed import world_size
+from clipexp.losses import build_loss
+from clipexp.losses.contrastive import CLIPContrastiveLoss
+from clipexp.losses.distributed import gather_with_grad, world_size
+from clipexp.losses.domain_specific import DomainSpecificLoss
+from clipexp.losses.hard_negative import HardNegativeMiningLoss
+from clipexp.losses.multi_scale import MultiScaleLoss
+from clipexp.losses.siglip import SigLIPLoss
+from clipexp.names import DOMAINS, LOSSES, MINING_STRATEGIES
 
 FACTORIES = {
     "contrastive": lambda: CLIPContrastiveLoss(learnable_temp=True),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipexp.losses import CLIPContrastiveLoss
+from clipexp.losses.contrastive import CLIPContrastiveLoss
 from clipexp.losses.targets import positive_mask, target_distribution
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipexp.losses import CLIPContrastiveLoss, DomainSpecificLoss
+from clipexp.losses.contrastive import CLIPContrastiveLoss
+from clipexp.losses.domain_specific import DomainSpecificLoss
 from clipexp.losses.targets import class_balanced_weights
 
 # S3 = [[.8,.36,.48],[.6,.48,.64],[0,.8,.6]] (see conftest), T = 1 throughout the hand computations.

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from clipexp.losses import CLIPContrastiveLoss, HardNegativeMiningLoss
+from clipexp.losses.contrastive import CLIPContrastiveLoss
+from clipexp.losses.hard_negative import HardNegativeMiningLoss
 from clipexp.losses.targets import same_group_mask
 
 # S3 = [[.8,.36,.48],[.6,.48,.64],[0,.8,.6]] (see conftest); T = 1, W = 2 (3 for weighted), ratio = .5.

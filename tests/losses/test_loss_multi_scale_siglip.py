@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from clipexp.losses import CLIPContrastiveLoss, MultiScaleLoss, SigLIPLoss
+from clipexp.losses.contrastive import CLIPContrastiveLoss
+from clipexp.losses.multi_scale import MultiScaleLoss
+from clipexp.losses.siglip import SigLIPLoss
 
 
 def clip_2x2(temperature: float) -> float:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from clipexp.losses import SCHEDULES, TemperatureScheduler
+from clipexp.losses.temperature_scheduler import TemperatureScheduler
+from clipexp.names import SCHEDULES
 
 
 def make(schedule_type, **kwargs):

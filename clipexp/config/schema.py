@@ -1,0 +1,241 @@
+"""Run-config schemas: the dataclasses registered in Hydra's ConfigStore, and the allowed names.
+
+The Hydra tree in ``conf/`` composes into one ``RunConfig``. The dataclasses below are registered in
+Hydra's ConfigStore as the schema of ``conf/config.yaml``, so OmegaConf rejects unknown keys and
+values of the wrong type while composing; :func:`clipexp.config.validate.validate` then checks the ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from clipexp.models.clip import ArchitectureConfig
+
+# --------------------------------------------------------------------------------------------------
+# Schemas (registered in Hydra's ConfigStore by ``register_configs``)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``r: 0`` = off): only the adapters train; the saved model is merged."""
+
+    r: int = 0
+    alpha: float = 16.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clip_vit_b32"
+    # Hub id or local directory; null together with ``architecture`` builds a random-weight CLIP.
+    name_or_path: Optional[str] = "openai/clip-vit-base-patch32"
+    # clip | siglip | open_clip (clipexp.models.families); null: from the folder or hub id
+    family: Optional[str] = None
+    arch: Optional[str] = None        # open_clip: architecture (ViT-B-32, RN50, convnext_base_w) or a saved folder
+    pretrained: Optional[str] = None  # open_clip: a pretrained tag, a checkpoint file, or hf-hub:<id>
+    image_resolution: int = 224
+    # the resize to image_resolution and the augmentation's warp: bicubic (antialiased, as CLIP's own
+    # processor) | bilinear | nearest (keeps source pixels: fine texture survives a downscale)
+    image_interpolation: str = "bicubic"
+    max_sequence_length: int = 77
+    architecture: Optional[ArchitectureConfig] = None
+    gradient_checkpointing: Any = False  # true (both towers) | image | text | false
+    lock_image: bool = False
+    lock_text: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class AugmentationConfig:
+    """Training-time image augmentation of a domain (torchvision v2, applied to uint8 tensors)."""
+
+    crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 = resize + centre crop only
+    hflip: bool = False
+    vflip: bool = False
+    rotation_degrees: float = 0.0
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+
+
+@dataclass
+class DomainConfig:
+    name: str = "general"
+    learning_rate: float = 5e-5
+    num_epochs: int = 10
+    prompt_templates: List[str] = field(default_factory=lambda: ["a photo of {}."])
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    # Strength of the domain's loss adjustment (``loss=domain_specific``); see README "Losses".
+    loss_weight: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    name: str = "contrastive"
+    temperature: float = 0.07
+    learnable_temp: bool = False
+    use_model_logit_scale: bool = False
+    multi_positive: bool = True
+    hard_negative_ratio: float = 0.5
+    mining_strategy: str = "semi-hard"
+    hard_negative_weight: float = 2.0
+    domain: str = "general"
+    domain_weight: float = 1.0
+    scales: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    scale_weights: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    normalize_weights: bool = True
+    siglip_init_bias: float = -10.0
+    # Temperature schedule: one string key so sweeps can write loss.temperature_schedule=cosine,exponential
+    temperature_schedule: str = "constant"
+    min_temp: float = 0.01
+    max_temp: float = 0.1
+    temp_warmup_steps: int = 0
+    temp_decay_rate: float = 0.999
+    temp_patience: int = 100
+    temp_factor: float = 0.9
+
+
+@dataclass
+class DataConfig:
+    source: str = "textile"
+    path: Optional[str] = None
+    image_column: str = "image_path"
+    caption_column: str = "caption"
+    label_column: Optional[str] = "label"
+    hf_split: str = "train"
+    train_split: float = 0.8
+    val_split: float = 0.1
+    test_split: float = 0.1
+    max_samples: Optional[int] = None
+    num_workers: Optional[int] = None  # null = chosen from the machine's cores
+    shuffle: bool = True
+    augment_images: bool = True
+    augment_text: bool = False
+    on_error: str = "raise"
+    allow_outside_root: bool = False  # images outside the CSV/JSON's folder are an error unless true
+    check_images: bool = True  # decode every image before training (catches truncated files)
+    cache_images: str = "auto"
+    cache_memory_mb: int = 2048
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class EvalDataConfig(DataConfig):
+    """A second, evaluation-only data source (``eval_data=<option>``): e.g. a "retention" set that measures
+    what fine-tuning forgot. Its metrics are ``<name>/...`` next to ``val/...`` at every evaluation."""
+
+    name: str = "retention"
+    split: str = "val"  # which of its splits to evaluate (its own *_split keys and the run's seed), or all
+    prompt_templates: Optional[List[str]] = None  # zero-shot prompts; null = the run's domain prompts
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class EMAConfig:
+    decay: Optional[float] = None  # EMA of the weights, updated every optimizer step; null or 0 = off
+
+
+@dataclass
+class WiseFTConfig:
+    alphas: List[float] = field(default_factory=list)  # e.g. [0, 0.25, 0.5, 0.75, 1]; empty = off
+    select: str = "best_val"  # best_val (by trainer.monitor) or one of the alphas: the weights saved as the model
+
+
+@dataclass
+class TrainerConfig:
+    learning_rate: float = 5e-5
+    batch_size: Optional[int] = None  # null = automatic
+    eval_batch_size: Optional[int] = None  # null = batch_size
+    num_epochs: int = 10
+    max_steps: Optional[int] = None  # set: overrides num_epochs
+    warmup_steps: int = 500
+    gradient_accumulation_steps: int = 1
+    accumulation: str = "plain"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    fused_adamw: bool = True
+    pack_captions: bool = True  # each distinct caption of a batch encoded once, padding cut to the longest
+    save_steps: int = 1000
+    eval_steps: int = 500
+    logging_steps: int = 100
+    eval_at_start: bool = True
+    monitor: str = "val/t2i_R1"
+    monitor_mode: str = "max"
+    keep_last: int = 2
+    early_stopping_patience: Optional[int] = None
+    resume: Optional[str] = None  # latest | <checkpoint path>
+    resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (README "What survives what")
+    progress: bool = True
+    dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
+    # Robust fine-tuning (README "Robust fine-tuning")
+    layer_decay: Optional[float] = None  # per tower: layer i of L gets lr x decay^(L - i); null = off
+    head_lr: Optional[float] = None  # projection heads; null = learning_rate
+    logit_scale_lr: Optional[float] = None  # the temperature (logit scale, a loss's own temperature/bias); null = learning_rate
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    wise_ft: WiseFTConfig = field(default_factory=WiseFTConfig)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # null = sqlite:///<project root>/mlflow.db
+    experiment: str = "clipexp"
+    run_name: Optional[str] = None  # null = made from the command-line overrides
+    log_model: bool = True
+    pyfunc_model: bool = True  # the MLflow pyfunc model runs:/<id>/clip (clipexp.serving.logged_model); ~5 s of CPU per run
+    register_model: Optional[str] = None  # a Model Registry name: register the run's "clip" model under it
+    system_metrics: bool = False
+    retry_s: float = 30.0  # store unreachable mid-run: writes are held and retried this often
+    end_timeout_s: float = 60.0  # at the end, wait this long for held writes before spooling them to the run folder
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    domain: DomainConfig = field(default_factory=DomainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval_data: Optional[EvalDataConfig] = None  # eval_data=<option>: an extra evaluation-only data source
+    seed: int = 42
+    optimized_metric: Optional[str] = None  # set by hparams_search presets (documentation only)
+
+
+def run_stamp() -> str:
+    """``<date>/<time with microseconds>`` fixed once per command: the main process sets it and every
+    job process it starts (joblib, submitit) inherits it, so a sweep's jobs agree on one folder while
+    two commands started in the same second never share one."""
+    import datetime
+    import os
+
+    pid, _, stamp = os.environ.get("CLIPEXP_RUN_STAMP", "").partition("|")
+    if stamp and pid in (str(os.getpid()), str(os.getppid())):
+        return stamp
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    os.environ["CLIPEXP_RUN_STAMP"] = f"{os.getpid()}|{stamp}"
+    return stamp
+
+
+def register_configs() -> None:
+    """Register the run schema (``conf/config.yaml``'s defaults list starts with it) and the
+    ``clipexp_stamp`` resolver used in the output folder names."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("clipexp_stamp"):
+        OmegaConf.register_new_resolver("clipexp_stamp", run_stamp, use_cache=True)
+

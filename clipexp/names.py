@@ -1,0 +1,15 @@
+"""The allowed names of every choice, one list each: the library checks its arguments against them and
+:func:`clipexp.config.validate.validate` checks the run config against the same lists."""
+
+DOMAINS = ("general", "medical", "industrial", "scientific")
+LOSSES = ("contrastive", "hard_negative", "domain_specific", "multi_scale", "siglip")
+MINING_STRATEGIES = ("semi-hard", "hard", "weighted")
+SCHEDULES = ("constant", "warmup", "cosine", "exponential", "adaptive")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SOURCES = ("csv", "json", "folder", "hf", "textile")
+ON_ERROR = ("raise", "skip")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+INTERPOLATION_NAMES = ("bicubic", "bilinear", "nearest")  # clipexp.data.images.INTERPOLATIONS
+ACCUMULATION = ("plain", "exact")
+MONITOR_MODES = ("max", "min")

@@ -1,0 +1,6 @@
+"""Where the project lives: the checkout (or editable install) root and its Hydra config tree ``conf/``."""
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"

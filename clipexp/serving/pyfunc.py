@@ -1,0 +1,33 @@
+"""The MLflow pyfunc class of a run's model (see :mod:`clipexp.serving.logged_model`); the inference is :mod:`clipexp.serving.inference`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import mlflow.pyfunc
+
+ARTIFACT = "clip"  # the save_pretrained folder (+ clipexp_inference.json) among the model's artifacts
+
+
+class CLIPPyfuncModel(mlflow.pyfunc.PythonModel):
+    """``predict(df, params={"task": ...})`` over :class:`clipexp.serving.inference.CLIPInference`.
+    ``CLIPEXP_DEVICE`` (default auto) and ``CLIPEXP_BATCH_SIZE`` choose where and how it encodes."""
+
+    def load_context(self, context) -> None:
+        from clipexp.serving.inference import CLIPInference
+
+        batch = os.environ.get("CLIPEXP_BATCH_SIZE")
+        self.inference = CLIPInference.from_pretrained(context.artifacts[ARTIFACT], device=os.environ.get("CLIPEXP_DEVICE", "auto"),
+                                                       batch_size=int(batch) if batch else None)
+
+    def predict(self, context, model_input, params: Optional[Dict[str, Any]] = None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from clipexp.serving.inference import InferenceError, answer_frame
+
+        try:
+            return answer_frame(self.inference, model_input, (params or {}).get("task") or "zero_shot")
+        except InferenceError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None

@@ -1,0 +1,131 @@
+"""What a run records: its MLflow run (tags, params), its output folder, and the summary table.
+
+* :func:`start_tracking`: the tracker of a run config, its MLflow run started (or, on resume, the
+  checkpoint's run continued) with the tags and the flattened config as params. It talks to MLflow
+  only through :mod:`clipexp.tracking.tracker`'s interface.
+* :func:`write_outputs`: plots, ``metrics.json``, ``config.yaml`` and the ``model/`` folder, each
+  logged as an artifact.
+* :func:`summary_table`: the baseline / final / best / test table a run prints at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from clipexp.models.clip import count_parameters
+from clipexp.tracking import plots
+from clipexp.tracking.tracker import flatten, git_commit, make_tracker, overrides_run_name
+
+
+def run_tags(cfg: Any, overrides: List[str], output_dir: Path, dev: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    return {
+        "domain": cfg.domain.name, "loss": cfg.loss.name, "model": cfg.model.name, "data": cfg.data.source,
+        "init_from": cfg.model.name_or_path or f"built:{cfg.model.name}",  # a two-stage run names stage 1's folder here
+        "git_commit": git_commit(), "hydra_overrides": " ".join(overrides) or "(none)",
+        "output_dir": str(output_dir), "device": f"{dev.type}:{dev.name}", "precision": dev.precision,
+        **(extra or {}),
+    }
+
+
+def derived_params(trainer) -> Dict[str, Any]:
+    """The values a trainer's setup worked out, logged as ``derived.<name>`` params."""
+    t = trainer
+    return {
+        "batch_size": t.batch_size, "logical_batch": t.logical_batch, "world_size": t.dist.world_size,
+        "global_batch": t.global_batch, "total_steps": t.total_steps, "steps_per_epoch": t.steps_per_epoch,
+        "precision": t.dev.precision, "num_parameters": count_parameters(t.model),
+        "num_trainable_parameters": count_parameters(t.model, trainable_only=True),
+        "num_train_pairs": len(t.data.train), "num_val_pairs": _len(t.data.val), "num_test_pairs": _len(t.data.test),
+    }
+
+
+def _len(dataset) -> int:
+    return 0 if dataset is None else len(dataset)
+
+
+def parent_run_id(output_dir: Path) -> Optional[str]:
+    """A sweep's parent run id, written by the sweep callback into the sweep folder."""
+    marker = Path(output_dir).parent / "mlflow_parent_run_id"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def start_tracking(cfg: Any, *, enabled: bool, overrides: List[str], output_dir: Path, tags: Dict[str, str], derived: Dict[str, Any],
+                   resume: Optional[Dict[str, Any]] = None):
+    """A started tracker. ``resume``: ``{"run_id", "from", "step"}`` of the checkpoint resumed, whose
+    MLflow run is continued (tagged with where it resumed); otherwise a new run with ``tags``, the
+    flattened resolved config and the ``derived`` values (``derived.<name>``) as params."""
+    tc = cfg.tracking
+    tracker = make_tracker(enabled, tc.uri, tc.experiment, output_dir, tc.retry_s, tc.end_timeout_s)
+    if resume is not None and resume.get("run_id") and tracker.enabled:
+        tracker.start(run_id=resume["run_id"], system_metrics=tc.system_metrics)
+        tracker.set_tags({"resumed_from": str(resume["from"]), "resumed_at_step": resume["step"],
+                          **({"resume_changes": resume["changes"]} if resume.get("changes") else {})})
+        return tracker
+    tracker.start(run_name=tc.run_name or overrides_run_name(overrides), tags=tags, parent_run_id=parent_run_id(output_dir),
+                  system_metrics=tc.system_metrics)
+    tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.log_params({f"derived.{k}": v for k, v in derived.items()})
+    return tracker
+
+
+def _captions(dataset, n: int) -> List[str]:
+    caps = list(dataset.captions[:n])
+    return [c if isinstance(c, str) else c[0] for c in caps]
+
+
+def write_plots(plot_dir: Path, result: Optional[Dict[str, Any]], dataset, split: Optional[str], class_names, history) -> None:
+    """Similarity heatmap and zero-shot confusion of the last evaluation (``result``), training curves."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    if result is not None:
+        e = result["embeddings"]
+        n = min(16, e["image"].shape[0])
+        plots.similarity_heatmap(e["image"][:n] @ e["text"][:n].T, _captions(dataset, n),
+                                 plot_dir / "similarity_heatmap.png", title=f"{split} pairs: image x text cosine similarity")
+        if result["confusion"] is not None:
+            plots.confusion_matrix(result["confusion"], list(class_names), plot_dir / "zeroshot_confusion.png",
+                                   title=f"zero-shot confusion ({split})")
+    plots.training_curves(history, plot_dir / "training_curves.png")
+
+
+def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, processor, tracker, hydra_dir: Optional[Path],
+                  publish: Optional[Callable[[Path], None]] = None) -> None:
+    """``metrics.json`` (``summary``), ``config.yaml`` (resolved), ``model/`` (save_pretrained), and the
+    artifacts: those, ``.hydra/`` and ``plots/`` (written before). ``publish(model_dir)`` runs once
+    ``model/`` is saved and before it is logged (the serving spec and the pyfunc model)."""
+    metrics_path = output_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(summary, indent=2))
+    config_path = output_dir / "config.yaml"
+    OmegaConf.save(cfg, config_path, resolve=True)
+    model_dir = output_dir / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    if publish is not None:
+        publish(model_dir)
+
+    tracker.log_artifact(config_path)
+    tracker.log_artifact(metrics_path)
+    if hydra_dir is not None and hydra_dir.is_dir():
+        tracker.log_artifacts(hydra_dir, "hydra")
+    tracker.log_artifacts(output_dir / "plots", "plots")
+    if cfg.tracking.log_model:
+        tracker.log_artifacts(model_dir, "model")
+
+
+def summary_table(results: Dict[str, Dict[str, float]], best_step: Optional[int] = None) -> str:
+    """Baseline, final and best validation metrics and the test metrics, for the metrics users read first."""
+    cols = [("baseline", "baseline", "val"), ("final", "final", "val"), ("best", "best", "val"), ("test", "test", "test")]
+    rows = ["loss", "i2t_R1", "i2t_R5", "t2i_R1", "t2i_R5", "zeroshot_acc", "zeroshot_balanced_acc"]
+    lines = [f"{'metric':<24}" + "".join(f"{title:>10}" for title, _, _ in cols)]
+    for r in rows:
+        vals = [results.get(key, {}).get(f"{split}/{r}") for _, key, split in cols]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"{r:<24}" + "".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in vals))
+    at = f" (step {best_step})" if best_step is not None else ""
+    lines.append(f"baseline = validation at step 0, final = at the last step, best = at the best step{at}; "
+                 f"test = test split with the best checkpoint")
+    return "\n".join(lines)

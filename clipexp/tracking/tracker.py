@@ -1,0 +1,303 @@
+"""Everything MLflow, behind one small interface (``Tracker``); ``NullTracker`` when tracking is off.
+
+Conventions (DESIGN.md): one run per Hydra job; params are the flattened resolved config; tags carry
+domain, loss, model, git commit and the Hydra overrides; the default store is one SQLite file at the
+project root, addressed by an absolute path so every job of a sweep shares it wherever it runs from.
+Store creation and experiment creation are guarded by a file lock, so parallel jobs can start at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+from clipexp.paths import PROJECT_ROOT
+from clipexp.tracking.outbox import Outbox, read_spool
+
+log = logging.getLogger(__name__)
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(PROJECT_ROOT / 'mlflow.db').resolve()}"
+
+
+def resolve_uri(uri: Optional[str]) -> str:
+    """Make a relative ``sqlite:///x.db`` or a bare path absolute (relative to the current directory
+    *now*, before anything else runs), so jobs that start elsewhere still share the same store."""
+    if not uri:
+        return default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock next to a SQLite/file store (no-op for servers) guarding schema and experiment creation."""
+    if uri.startswith("sqlite:///"):
+        lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    elif uri.startswith("file://"):
+        lock_path = Path(uri[len("file://"):]) / ".clipexp.lock"
+    else:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (MLflow shows them as strings)."""
+    out: Dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ensure_experiment(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another process created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class NullTracker:
+    """Tracking off: every call is accepted and does nothing."""
+
+    enabled = False
+    run_id: Optional[str] = None
+    uri: Optional[str] = None
+    experiment_id: Optional[str] = None
+
+    def start(self, *args, **kwargs) -> "NullTracker":
+        return self
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
+    def log_artifacts(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
+    def log_dict(self, data: Any, name: str) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+    @property
+    def run_url(self) -> str:
+        return "(tracking disabled)"
+
+
+class Tracker(NullTracker):
+    """One MLflow run. Uses ``MlflowClient`` with an explicit run id, so nothing depends on MLflow's
+    global active-run state (safe for resume, sweeps and parallel jobs).
+
+    Creating or continuing the run talks to the store at once (a wrong URI fails there, before any
+    training). Every write after that (params, tags, metrics, artifacts, the final status) goes through
+    an :class:`~clipexp.tracking.outbox.Outbox`: a background thread delivers it, so training never waits on
+    the store, and a store that is locked or stops mid-run costs one warning, not the run: the writes
+    are held and retried every ``retry_s`` seconds, and ``end`` waits up to ``end_timeout_s`` for them.
+    What is still undelivered then goes to ``<run_dir>/mlflow_pending.jsonl`` (``replay_pending``
+    sends it later).
+    """
+
+    enabled = True
+    PENDING_FILE = "mlflow_pending.jsonl"
+
+    def __init__(self, uri: Optional[str] = None, experiment: str = "clipexp", run_dir: Optional[Path] = None,
+                 retry_s: float = 30.0, end_timeout_s: float = 60.0):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        with store_lock(self.uri):  # first use of a new SQLite store creates its schema: one process at a time
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = ensure_experiment(self.client, experiment)
+        self.run_id: Optional[str] = None
+        self._system_metrics = None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.retry_s, self.end_timeout_s = retry_s, end_timeout_s
+        self.outbox: Optional[Outbox] = None
+
+    def start(self, run_name: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None,
+              run_id: Optional[str] = None, parent_run_id: Optional[str] = None, system_metrics: bool = False) -> "Tracker":
+        """Start a new run, or continue ``run_id`` (resume)."""
+        if run_id is not None:
+            self.run_id = run_id
+            _retrying(self.client.update_run, run_id, status="RUNNING")
+        else:
+            all_tags = {k: str(v) for k, v in (tags or {}).items()}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = _retrying(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+        spool = None
+        if self.run_dir is not None:  # what replay_pending needs to find this run again
+            spool = self.run_dir / self.PENDING_FILE
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / RUN_FILE).write_text(json.dumps({"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id}))
+        self.outbox = Outbox(self._deliver, store_error_is_retryable, self.uri, retry_s=self.retry_s, spool=spool,
+                             quiet_loggers=QUIET_WHEN_OFFLINE)
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._system_metrics = SystemMetricsMonitor(self.run_id)
+                self._system_metrics.start()
+            except Exception as err:  # noqa: BLE001 - optional extra; never fail a run for it
+                log.warning("system metrics are unavailable: %s", err)
+        return self
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = {k: str(v)[:6000] for k, v in params.items()}
+        keys = list(items)
+        for i in range(0, len(keys), 100):
+            self.outbox.put("params", {k: items[k] for k in keys[i:i + 100]})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.outbox.put("tags", {k: str(v)[:5000] for k, v in tags.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        if values:
+            self.outbox.put("metrics", {"values": values, "step": int(step), "timestamp": int(time.time() * 1000)})
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.outbox.put("artifact", {"path": str(path), "artifact_path": artifact_path})
+
+    def log_artifacts(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.outbox.put("artifacts", {"path": str(path), "artifact_path": artifact_path})
+
+    def log_dict(self, data: Any, name: str) -> None:
+        self.outbox.put("text", {"text": json.dumps(data, indent=2, default=str), "name": name})
+
+    def _deliver(self, kind: str, payloads: list) -> None:
+        """One store call for ``payloads`` (several only for metrics, merged into one batch)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        c, run = self.client, self.run_id
+        if kind == "metrics":
+            c.log_batch(run, metrics=[Metric(k, v, p["timestamp"], p["step"]) for p in payloads for k, v in p["values"].items()])
+        elif kind in ("params", "tags"):
+            entity = Param if kind == "params" else RunTag
+            c.log_batch(run, **{kind: [entity(k, v) for p in payloads for k, v in p.items()]})
+        elif kind in ("artifact", "artifacts"):
+            for p in payloads:
+                (c.log_artifact if kind == "artifact" else c.log_artifacts)(run, p["path"], p["artifact_path"])
+        elif kind == "text":
+            for p in payloads:
+                c.log_text(run, p["text"], p["name"])
+        elif kind == "end":
+            c.set_terminated(run, status=payloads[-1]["status"])
+        else:
+            raise ValueError(f"unknown tracking write {kind!r}")
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Deliver everything, then the run's final status; never raises for the store's sake."""
+        if self.run_id is None or self.outbox is None:
+            return
+        if self._system_metrics is not None:
+            with contextlib.suppress(Exception):
+                self._system_metrics.finish()
+        self.outbox.put("end", {"status": status})
+        outbox, self.outbox = self.outbox, None
+        left = outbox.close(self.end_timeout_s)
+        if left:
+            n_metrics = sum(len(p.get("values", ())) for k, p in left if k == "metrics")
+            where = f"in {outbox.spool}" if outbox.spool else "lost (no run folder)"
+            log.warning("tracking: the store %s is still unreachable after waiting %g s; %d writes (%d metric values and "
+                        "the final status %s) are %s; the run folder's metrics.json is complete. Send them later with "
+                        "`python -m clipexp.tracking replay %s`", self.uri, self.end_timeout_s, len(left), n_metrics,
+                        status, where, outbox.spool.parent if outbox.spool else "<run dir>")
+
+    @property
+    def run_url(self) -> str:
+        return f"{self.uri}  experiment={self.experiment_id} run={self.run_id}"
+
+
+RUN_FILE = "mlflow_run.json"  # in the run folder: the store, experiment and run id of its MLflow run
+# the libraries' own log lines for a failing store call, dropped while the outbox's one warning stands for them
+QUIET_WHEN_OFFLINE = ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "urllib3.connectionpool")
+
+
+def store_error_is_retryable(err: BaseException) -> bool:
+    """A store that is down, locked or overloaded: retry. A request it refuses (4xx: a bad value, a
+    deleted run): do not."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return not (400 <= status < 500) or status == 429
+    return not isinstance(err, (ValueError, TypeError, KeyError))
+
+
+def _retrying(call, *args, attempts: int = 4, wait_s: float = 2.0, **kwargs):
+    """A call that must land before training (creating or reopening the run), retried a few times when
+    the store is busy (several parallel jobs' SQLite writes can collide) before the error is raised."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised below unless the store may answer next time
+            if attempt == attempts - 1 or not store_error_is_retryable(err):
+                raise
+            time.sleep(wait_s * 2 ** attempt)
+
+
+def make_tracker(enabled: bool, uri: Optional[str], experiment: str, run_dir: Optional[Path] = None,
+                 retry_s: float = 30.0, end_timeout_s: float = 60.0):
+    return Tracker(uri, experiment, run_dir, retry_s, end_timeout_s) if enabled else NullTracker()
+
+
+def replay_pending(run_dir: Path, uri: Optional[str] = None) -> int:
+    """Send the writes a run could not deliver (``<run_dir>/mlflow_pending.jsonl``) to its store now;
+    returns how many. The run id and the store come from the run folder's files unless ``uri`` is given."""
+    run_dir = Path(run_dir)
+    spool = run_dir / Tracker.PENDING_FILE
+    meta = json.loads((run_dir / RUN_FILE).read_text())
+    tracker = Tracker(uri or meta["uri"], meta["experiment"])
+    tracker.run_id = meta["run_id"]
+    writes = read_spool(spool)
+    for kind, payload in writes:  # one call each, in order: the store is there now
+        tracker._deliver(kind, [payload])
+    spool.rename(spool.with_name(spool.name + ".sent"))
+    return len(writes)
+
+
+def overrides_run_name(overrides: list[str]) -> str:
+    """A short run name from the command-line overrides (hydra.* and tracking.* left out)."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "tracking", "trainer.resume"))]
+    return ",".join(keep)[:250] or "default"

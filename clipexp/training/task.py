@@ -1,0 +1,174 @@
+"""The Hydra task: one job from a composed config to an exit code (or, in a sweep, a returned value).
+
+``run(cfg)`` builds a :class:`clipexp.training.trainer.Trainer`, trains, prints the summary table, and turns
+what can go wrong into what a user reads: one line and exit code 2 for a user error (1 for a
+non-finite loss, 130 for Ctrl-C / SIGTERM after a checkpoint), NaN and a FAILED run for a failing
+job of a sweep, and under torchrun one line naming the rank that failed (:func:`_stop_rank`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from clipexp.device import DeviceError
+from clipexp.errors import ConfigError
+from clipexp.models.clip import ModelLoadError
+from clipexp.tracking.outputs import summary_table
+from clipexp.training import distributed
+from clipexp.training.checkpoint import CheckpointWriteError
+from clipexp.training.oom import BatchTooLargeError
+from clipexp.training.robust import wise_ft_table
+from clipexp.training.trainer import NonFiniteLossError, Trainer
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    """Train one job; return the best value of ``trainer.monitor`` (what an Optuna sweep optimises).
+
+    A single run ends a user error with one line and exit code 2 (1 for a non-finite loss). In a sweep a
+    failing job is recorded (its MLflow run FAILED, the error in its log) and returns NaN, so the other
+    jobs go on and the sweep summary lists it. Under torchrun any failure ends the process (see
+    :func:`_stop_rank`): the ranks cannot be trusted to agree on the next collective.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from clipexp.data.problems import DataValidationError
+
+    if distributed.env_world_size() > 1 and int(os.environ.get("RANK", "0")) > 0:
+        _quiet_this_rank()
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    output_dir = Path(hc.runtime.output_dir)
+    hydra_dir = output_dir / hc.output_subdir if hc.output_subdir else None
+    tags = {"job_num": hc.job.num, "sweep_dir": str(Path(hc.sweep.dir).resolve())} if multirun else {}
+    trainer = Trainer(cfg, output_dir, list(hc.overrides.task), hydra_dir, tags=tags)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    user_errors = (ConfigError, DeviceError, ModelLoadError, DataValidationError, NonFiniteLossError, BatchTooLargeError,
+                   CheckpointWriteError)
+    try:
+        trainer.setup()
+        results = trainer.train()
+    except KeyboardInterrupt:
+        if trainer.dist.enabled:
+            _stop_rank(trainer, None, user_errors)
+        trainer.cleanup("KILLED")
+        print(f"clipexp: interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:
+        if trainer.dist.enabled:
+            _stop_rank(trainer, err, user_errors)
+        trainer.cleanup("FAILED")
+        expected = isinstance(err, user_errors)
+        if multirun:
+            log.error("job %s failed: %s", hc.job.num, err, exc_info=not expected)
+            print(f"clipexp: job {hc.job.num} failed: {err}", file=sys.stderr)
+            return float("nan")
+        if expected:
+            print(f"clipexp: error: {err}", file=sys.stderr)
+            sys.exit(EXIT_FAILED if isinstance(err, NonFiniteLossError) else EXIT_USAGE)
+        raise
+    except BaseException:
+        trainer.cleanup("FAILED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    trainer.cleanup("FINISHED")
+    if trainer.dist.is_main:
+        print(summary_table(results, trainer.best_step))
+        if "wise_ft" in results:
+            retention = trainer.extra_eval[0] if trainer.extra_eval else None
+            print(wise_ft_table(results["wise_ft"], "val", retention, trainer.robust.wise_ft_metric))
+        print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
+    return trainer.best_value
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _quiet_this_rank() -> None:
+    """Ranks > 0 log errors only, to stderr, and leave warnings to rank 0 (torchrun ranks get their
+    logging from ``__main__``'s Hydra overrides; the tasks of a submitit job get it here)."""
+    import warnings
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+
+def _stop_rank(trainer: "Trainer", err: Optional[BaseException], user_errors: tuple) -> None:
+    """End this rank of a torchrun job after an error (``err``) or an interrupt (``err=None``); never returns.
+
+    The job ends with one line that says which rank failed and why, whatever rank prints it:
+
+    * A rank whose own code failed leaves ``rank N failed: ...`` in the rendezvous store, then exits
+      (a user error: the one line, exit code 2 or 1, as in one process; a bug: its traceback too).
+    * torchrun then stops the other ranks (SIGTERM, seen here as an interrupt), or their next collective
+      fails first (the peer is gone, or ``trainer.dist_timeout_s`` ran out). They read the store: rank 0
+      prints the failed rank's message; with no message (a rank was killed or hangs) it says so.
+    * Ctrl-C (torchrun forwards SIGINT) with no failure anywhere: as in one process, rank 0 saves a
+      checkpoint, marks the run KILLED, prints where it is and exits 130.
+
+    Rank 0 closes the MLflow run: FAILED, or KILLED for an interrupt. An error that every rank hit
+    alike (a bad value, a non-finite loss) is printed once, by rank 0.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut this cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    ctx, step = trainer.dist, trainer.step + 1
+    own_failure = err is not None and not distributed.is_collective_error(err)
+    if own_failure:
+        expected = isinstance(err, user_errors)
+        what = str(err) if expected else f"{type(err).__name__}: {_first_line(err)}"
+        ctx.report("failed", f"rank {ctx.rank} failed at step {step}: {what}")
+        status, show = "FAILED", ctx.is_main or not expected
+        code = EXIT_FAILED if isinstance(err, NonFiniteLossError) or not expected else EXIT_USAGE
+        line = f"clipexp: error: {err}" if expected else f"clipexp: error: rank {ctx.rank}: {what}"
+        if not expected:
+            traceback.print_exception(err)
+    elif (cause := ctx.reported_elsewhere("failed")) is not None:
+        status, code, show, line = "FAILED", EXIT_FAILED, ctx.is_main, f"clipexp: error: {cause}"
+    elif err is None or ctx.reported_elsewhere("interrupted") is not None:
+        if err is None:
+            ctx.report("interrupted", f"rank {ctx.rank} interrupted")
+        elif ctx.is_main and getattr(trainer, "optimizer", None) is not None:
+            with contextlib.suppress(Exception):  # another rank was interrupted first: save here too
+                trainer.save_checkpoint(wait=False)
+        status, code, show = "KILLED", EXIT_INTERRUPTED, ctx.is_main
+        line = f"clipexp: interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint}"
+    else:
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(err))  # gloo prefixes its source location
+        status, code, show = "FAILED", EXIT_FAILED, True
+        line = (f"clipexp: error: rank {ctx.rank} lost the other ranks at step {step} ({reason}); another rank was "
+                f"killed or hung: see its log (a collective fails after trainer.dist_timeout_s={ctx.timeout_s:g}s)")
+    try:
+        trainer.cleanup(status)
+    except Exception as cleanup_err:  # noqa: BLE001 - the line below matters more than the run's status
+        log.error("could not close the MLflow run as %s: %s", status, cleanup_err)
+    if show:
+        print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if err is not None and not own_failure:  # a process group broken mid-collective can abort in interpreter teardown
+        os._exit(code)
+    sys.exit(code)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,346 @@
+"""Using the fine-tuned model: the logged pyfunc model, the batch tools, the MLflow server, bad input.
+
+One short tracked run (the smoke preset on real textile images, the pyfunc model on, registered) is
+trained once for the module with the trainer itself, so the trainer's own test-split embeddings and
+logged metrics are the reference every answer is compared with.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+REGISTERED = "textile-clip"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Unit vectors from the same weights, batched differently: float32 eps x the reduction length."""
+    assert a.shape == b.shape
+    tol = 64 * torch.finfo(torch.float32).eps * max(1.0, float(b.abs().max()))
+    assert float((a - b).abs().max()) <= tol, float((a - b).abs().max())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from clipexp.cli.train import compose_and_validate
+    from clipexp.evaluate import class_text_embeddings
+    from clipexp.training.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    # nearest-neighbour resizing (not the default bicubic): every answer below also shows the run's
+    # interpolation travels with the model to the pyfunc model, the batch tools and the server
+    cfg = compose_and_validate(["experiment=smoke", f"tracking.uri={uri}", "tracking.pyfunc_model=true",
+                                f"tracking.register_model={REGISTERED}", "model.image_interpolation=nearest"])
+    trainer = Trainer(cfg, tmp / "run")
+    try:
+        trainer.setup()
+        results = trainer.train()
+        test = trainer.data.test
+        e = trainer.evaluator.embed(test)  # the trainer's own encoder outputs, with the weights it saved
+        class_embeds = class_text_embeddings(trainer.evaluator.encode_prompts, list(trainer.data.class_names), list(cfg.domain.prompt_templates))
+        preds = (e["image"] @ class_embeds.T).argmax(dim=1)
+    finally:
+        trainer.cleanup("FINISHED")
+    csv_path = tmp / "run" / "test_split.csv"  # written by the run, beside model/
+    return {
+        "tmp": tmp, "uri": uri, "run_id": trainer.tracker.run_id, "out": tmp / "run", "results": results, "csv": csv_path,
+        "paths": test.image_paths, "labels": [p.label for p in test.pairs], "captions": test.captions,
+        "image": e["image"], "text": e["text"], "class_names": list(trainer.data.class_names),
+        "predicted": [trainer.data.class_names[int(i)] for i in preds],
+    }
+
+
+@pytest.fixture(scope="module")
+def pyfunc(run):
+    import mlflow
+
+    mlflow.set_tracking_uri(run["uri"])
+    return mlflow.pyfunc.load_model(f"runs:/{run['run_id']}/clip")
+
+
+def _b64(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CLIPEXP_RUN_STAMP")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow models serve runs uvicorn from the venv
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------------ the model
+def test_logged_model_is_linked_to_run_metrics_and_registered(run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(run["uri"])
+    r = client.get_run(run["run_id"])
+    models = client.search_logged_models(experiment_ids=[r.info.experiment_id], filter_string="name = 'clip'")
+    assert len(models) == 1
+    model = models[0]
+    assert model.source_run_id == run["run_id"] and model.tags["monitor"] == "val/t2i_R1"
+    assert [o.model_id for o in r.outputs.model_outputs] == [model.model_id]
+    linked = {m.key: m.value for m in model.metrics}  # the metrics of the run's last step, test metrics included
+    assert linked["test/zeroshot_acc"] == r.data.metrics["test/zeroshot_acc"]
+    assert linked["test/i2t_R1"] == r.data.metrics["test/i2t_R1"]
+
+    info = mlflow.models.get_model_info(f"models:/{model.model_id}")
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "text"]
+    assert info.signature.params.to_dict()[0]["name"] == "task"
+    assert info.saved_input_example_info is not None
+
+    version = client.get_model_version(REGISTERED, "1")
+    assert version.run_id == run["run_id"] and version.tags["monitor"] == "val/t2i_R1"
+    assert float(version.tags["val/t2i_R1"]) == pytest.approx(run["results"]["best"]["val/t2i_R1"], rel=1e-6)
+    spec = json.loads((run["out"] / "model" / "clipexp_inference.json").read_text())
+    assert spec["class_names"] == run["class_names"] and spec["image_resolution"] == 64
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, transformers and MLflow: 20-80 s on the busy 2-core box
+def test_fresh_process_round_trip_equals_trainer_encoder(run):
+    """A new interpreter in an empty folder (no clipexp config, no PYTHONPATH): MLflow loads the model
+    with the clipexp code logged inside it; its embeddings are the trainer's."""
+    script = (
+        "import json, sys, mlflow, pandas as pd, numpy as np\n"
+        f"m = mlflow.pyfunc.load_model('runs:/{run['run_id']}/clip')\n"
+        "import clipexp\n"
+        "paths, texts = json.loads(sys.stdin.read())\n"
+        "df = pd.DataFrame({'image': paths, 'text': texts})\n"
+        "out = m.predict(df, params={'task': 'embed'})\n"
+        "np.save('img.npy', np.array(out['image_embedding'].tolist(), dtype=np.float32))\n"
+        "np.save('txt.npy', np.array(out['text_embedding'].tolist(), dtype=np.float32))\n"
+        "print(clipexp.__file__)\n"
+    )
+    cwd = run["tmp"] / "fresh"
+    cwd.mkdir()
+    res = subprocess.run([sys.executable, "-c", script], cwd=cwd, input=json.dumps([run["paths"], run["captions"]]),
+                         env=_env(MLFLOW_TRACKING_URI=run["uri"]), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "/code/clipexp/" in res.stdout  # imported from the model's own code copy
+    import numpy as np
+
+    _close(torch.from_numpy(np.load(cwd / "img.npy")), run["image"])
+    _close(torch.from_numpy(np.load(cwd / "txt.npy")), run["text"])
+
+
+def test_pyfunc_zero_shot_and_similarity_match_the_trainer(run, pyfunc):
+    import pandas as pd
+
+    df = pd.DataFrame({"image": [run["paths"][0], _b64(run["paths"][1])] + run["paths"][2:], "text": None})
+    out = pyfunc.predict(df, params={"task": "zero_shot"})
+    assert out["predicted_class"].tolist() == run["predicted"] and out["error"].isna().all()
+    probs = out["probabilities"][0]
+    assert list(probs) == run["class_names"] and sum(probs.values()) == pytest.approx(1.0, rel=1e-6)
+
+    texts = run["captions"][:3]
+    sim = pyfunc.predict(pd.DataFrame({"image": run["paths"][:2] + [None], "text": [None, *texts[:2]]}), params={"task": "similarity"})
+    scores = torch.tensor(sim["scores"][:2].tolist())
+    expected = run["image"][:2] @ torch.stack([run["text"][0], run["text"][1]]).T  # the texts given: captions 0 and 1
+    _close(scores, expected)
+    assert sim["scores"][2] is None
+
+
+def test_the_runs_interpolation_travels_with_the_saved_model(run, tmp_path):
+    """The run resized with nearest: the saved spec says so, the saved image processor resamples with
+    PIL's NEAREST (code 0), and plain transformers' CLIPImageProcessor then gives the pixels the trainer
+    evaluated; a copy without clipexp's spec file still loads as nearest, from that processor."""
+    import shutil
+
+    from PIL import Image
+    from transformers import CLIPProcessor
+
+    from clipexp.serving.inference import SPEC_FILE, CLIPInference
+
+    model_dir = run["out"] / "model"
+    assert json.loads((model_dir / SPEC_FILE).read_text())["image_interpolation"] == "nearest"
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    assert int(processor.image_processor.resample) == 0
+    inference = CLIPInference.from_pretrained(model_dir, device="cpu")
+    ours = inference.normalize(torch.stack([inference.load_image(p) for p in run["paths"][:4]]))
+    hf = processor.image_processor([Image.open(p).convert("RGB") for p in run["paths"][:4]], return_tensors="pt")["pixel_values"]
+    assert hf.shape == ours.shape
+    # the same uint8 pixels, normalised in float32 by two formulas: a few eps of the values' magnitude
+    assert float((hf - ours).abs().max()) <= 8 * torch.finfo(torch.float32).eps * float(hf.abs().max())
+    bare = tmp_path / "model"
+    shutil.copytree(model_dir, bare)
+    (bare / SPEC_FILE).unlink()
+    assert CLIPInference.from_pretrained(bare, device="cpu").spec.image_interpolation == "nearest"
+
+
+# -------------------------------------------------------------------------------- batch tools
+def test_cli_zero_shot_on_test_split_reproduces_logged_accuracy(run, tmp_path, capsys):
+    """The CLI's entry point, the model named by its run id: predictions and accuracy are the run's own."""
+    from clipexp.serving.predict import main
+
+    out = tmp_path / "preds.csv"
+    assert main(["zero_shot", "--model", run["run_id"], "--tracking-uri", run["uri"], "--images", str(run["csv"]),
+                 "--out", str(out), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    import pandas as pd
+
+    rows = pd.read_csv(out)
+    assert rows["path"].tolist() == run["paths"] and rows["predicted_class"].tolist() == run["predicted"]
+    test = run["results"]["test"]
+    acc = float((rows["predicted_class"] == rows["label"]).mean())
+    assert acc == test["test/zeroshot_acc"]
+    assert f"zeroshot_acc={test['test/zeroshot_acc']:.4f} zeroshot_balanced_acc={test['test/zeroshot_balanced_acc']:.4f}" in stdout
+    confusion = pd.read_csv(out.with_suffix(".confusion.csv"), index_col=0)
+    assert int(confusion.values.trace()) == round(acc * len(rows))
+
+
+def test_cli_sources_embed_and_search(run, tmp_path, capsys):
+    """Run folder, save_pretrained folder and models:/ URI give the same model; embed -> search finds
+    the trainer's nearest images."""
+    from clipexp.serving.predict import main
+
+    preds = {}
+    for name, source in (("folder", str(run["out"])), ("pretrained", str(run["out"] / "model")), ("registry", f"models:/{REGISTERED}/1")):
+        out = tmp_path / f"{name}.csv"
+        assert main(["zero_shot", "--model", source, "--tracking-uri", run["uri"], "--images", str(run["csv"]), "--out", str(out),
+                     "--no-progress", "--batch-size", "4"]) == 0
+        preds[name] = out.read_text()
+    assert preds["folder"] == preds["pretrained"]
+    assert [ln.split(",")[2] for ln in preds["registry"].splitlines()] == [ln.split(",")[2] for ln in preds["folder"].splitlines()]
+
+    for suffix in (".parquet", ".npy"):
+        emb = tmp_path / f"emb{suffix}"
+        assert main(["embed", "--model", str(run["out"]), "--images", str(run["csv"]), "--out", str(emb), "--no-progress"]) == 0
+        from clipexp.serving.predict import load_embeddings
+
+        paths, vectors = load_embeddings(emb)
+        assert paths == run["paths"]
+        _close(vectors, run["image"])
+    capsys.readouterr()
+    query = run["captions"][0]
+    assert main(["search", "--model", str(run["out"]), "--embeddings", str(tmp_path / "emb.parquet"), "--query", query, "--top-k", "3",
+                 "--out", str(tmp_path / "hits.csv")]) == 0
+    import pandas as pd
+
+    hits = pd.read_csv(tmp_path / "hits.csv")
+    expected = (run["image"] @ run["text"][0]).topk(3).indices.tolist()
+    assert hits["path"].tolist() == [run["paths"][i] for i in expected] and hits["rank"].tolist() == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_unreadable_image_is_reported_on_its_row(run, pyfunc, tmp_path):
+    import pandas as pd
+
+    from clipexp.serving.predict import main
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(Path(run["paths"][0]).read_bytes()[:300])  # a truncated JPEG
+    missing = str(tmp_path / "gone.jpg")
+    df = pd.DataFrame({"image": [run["paths"][0], str(bad), missing, run["paths"][1]]})
+    out = pyfunc.predict(df, params={"task": "zero_shot"})
+    assert out["predicted_class"][[0, 3]].tolist() == run["predicted"][:2]
+    assert out["error"][1].startswith(f"image '{bad}' is truncated or corrupt") and out["predicted_class"][1] is None
+    assert out["error"][2] == f"image '{missing}' not found" and out["predicted_class"][2] is None
+
+    listing = tmp_path / "images.csv"
+    listing.write_text(f"image_path\n{run['paths'][0]}\nbroken.jpg\n")
+    assert main(["zero_shot", "--model", str(run["out"]), "--images", str(listing), "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    rows = pd.read_csv(tmp_path / "p.csv")
+    assert rows["predicted_class"][0] == run["predicted"][0] and str(bad) in rows["error"][1]
+
+
+def test_unknown_task_and_missing_column_are_one_line(run, pyfunc, tmp_path, capsys):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from clipexp.serving.predict import main
+
+    with pytest.raises(MlflowException, match=r"^unknown task 'classify': use one of zero_shot, embed, similarity"):
+        pyfunc.predict(pd.DataFrame({"image": run["paths"][:1]}), params={"task": "classify"})
+    with pytest.raises(MlflowException, match=r"^task similarity needs an 'image' and a 'text' column"):
+        pyfunc.predict(pd.DataFrame({"image": run["paths"][:1]}), params={"task": "similarity"})
+    listing = tmp_path / "images.csv"
+    listing.write_text("file\nx.jpg\n")
+    assert main(["zero_shot", "--model", str(run["out"]), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"clipexp.serving.predict: error: --images {listing}: no column 'image_path' (columns: file); set --image-column"
+    assert main(["zero_shot", "--model", str(tmp_path), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "no config.json there or in its model/ folder" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- serving
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, payload: dict):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow  # the MLflow CLI starts uvicorn, which loads the model: 30-70 s on the busy 2-core box
+def test_mlflow_models_serve_answers_like_in_process(run, pyfunc, tmp_path):
+    import pandas as pd
+
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run['run_id']}/clip", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=_env(MLFLOW_TRACKING_URI=run["uri"]),
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the server did not answer /ping within 300 s"
+                time.sleep(1)
+        images = [_b64(p) for p in run["paths"][:3]] + [base64.b64encode(b"\xff\xd8\xff\xe0 not a jpeg" * 30).decode()]
+        texts = run["captions"][:2]
+        frame = pd.DataFrame({"image": images + [None, None], "text": [None] * 4 + texts})
+        split = json.loads(frame.to_json(orient="split", index=False))
+        for task in ("zero_shot", "embed", "similarity"):
+            status, body = _post(port, {"dataframe_split": split, "params": {"task": task}})
+            assert status == 200, body
+            served = body["predictions"]
+            local = pyfunc.predict(frame, params={"task": task})
+            assert len(served) == 6 and [r["error"] for r in served] == local["error"].tolist()
+            assert served[3]["error"].startswith(f"image '<base64 image, {len(images[3])} chars>' is truncated or corrupt")
+            if task == "zero_shot":
+                assert [r["predicted_class"] for r in served[:3]] == run["predicted"][:3]
+                _close(torch.tensor([list(r["probabilities"].values()) for r in served[:3]]),
+                       torch.tensor([list(p.values()) for p in local["probabilities"][:3]]))
+            elif task == "embed":
+                _close(torch.tensor([r["image_embedding"] for r in served[:3]]), run["image"][:3])
+                _close(torch.tensor([r["text_embedding"] for r in served[4:]]), run["text"][:2])
+            else:
+                _close(torch.tensor([r["scores"] for r in served[:3]]), torch.tensor(local["scores"][:3].tolist()))
+        status, body = _post(port, {"dataframe_split": split, "params": {"task": "classify"}})
+        assert status == 400 and "unknown task 'classify'" in body["message"] and "stack_trace" not in body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
