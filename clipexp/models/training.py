@@ -7,7 +7,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from clipexp.models.clip import image_features, load_clip, text_features
+from clipexp.models.clip import image_features, text_features
+from clipexp.models.loading import load_clip
 
 
 class DualEncoder(nn.Module):

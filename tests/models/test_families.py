@@ -4,7 +4,6 @@ Each family's tiny model is built from its own config with random weights; nothi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
