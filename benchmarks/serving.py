@@ -48,7 +48,7 @@ def test_split(tmp: Path, uri: str, model: str | None):
     from omegaconf import OmegaConf
 
     from clipexp.data.dataset import build_datasets
-    from clipexp.models.clip import load_clip
+    from clipexp.models.loading import load_clip
 
     _, processor = load_clip(None, OmegaConf.to_container(cfg.model.architecture), cfg.model.image_resolution, cfg.model.max_sequence_length)
     data = build_datasets(OmegaConf.to_container(cfg.data, resolve=True), processor=processor, image_resolution=cfg.model.image_resolution,

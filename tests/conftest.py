@@ -88,7 +88,7 @@ def tiny_controller():
     import torch
 
     from clipexp.config.validate import CLIPFinetuningConfig
-    from clipexp.models.clip import CLIPFinetuningController
+    from clipexp.models.loading import CLIPFinetuningController
 
     torch.manual_seed(0)
     cfg = CLIPFinetuningConfig(model_name="tiny", image_resolution=64, max_sequence_length=32, device="cpu")

@@ -32,6 +32,10 @@ class ModelConfig:
     name: str = "clip_vit_b32"
     # Hub id or local directory; null together with ``architecture`` builds a random-weight CLIP.
     name_or_path: Optional[str] = "openai/clip-vit-base-patch32"
+    # clip | siglip | open_clip (clipexp.models.families); null: from the folder or hub id
+    family: Optional[str] = None
+    arch: Optional[str] = None        # open_clip: architecture (ViT-B-32, RN50, convnext_base_w) or a saved folder
+    pretrained: Optional[str] = None  # open_clip: a pretrained tag, a checkpoint file, or hf-hub:<id>
     image_resolution: int = 224
     # the resize to image_resolution and the augmentation's warp: bicubic (antialiased, as CLIP's own
     # processor) | bilinear | nearest (keeps source pixels: fine texture survives a downscale)

@@ -201,7 +201,9 @@ def validate(cfg: Any) -> None:
                           "constant when loss.learnable_temp=true (a schedule would overwrite the learnt temperature)")
     if len(_get(cfg, "loss.scales")) != len(_get(cfg, "loss.scale_weights")):
         raise ConfigError("loss.scale_weights", list(_get(cfg, "loss.scale_weights")), "one weight per entry of loss.scales")
-    if _get(cfg, "model.name_or_path") is None and _get(cfg, "model.architecture") is None:
+    if _get(cfg, "model.family") not in (None, "clip", "siglip", "open_clip"):
+        raise ConfigError("model.family", _get(cfg, "model.family"), "clip, siglip or open_clip (or null: from the folder or hub id)")
+    if _get(cfg, "model.name_or_path") is None and _get(cfg, "model.architecture") is None and _get(cfg, "model.arch") is None:
         raise ConfigError("model.name_or_path", None, "a hub id or local directory (or set model.architecture to build one)")
     if _get(cfg, "data.source") in ("csv", "json", "folder") and not _get(cfg, "data.path"):
         raise ConfigError("data.path", None, f"a file or folder path is required for data.source={_get(cfg, 'data.source')}")

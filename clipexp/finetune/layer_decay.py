@@ -21,37 +21,55 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from torch import nn
 
 _TOWERS = {"vision_model": "vision", "text_model": "text"}
-_LAYER = re.compile(r"(?:^|\.)(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(vision_model|text_model)\.(?:embeddings\.|pre_layrnorm\.)")
-_HEAD = re.compile(r"(?:^|\.)(visual_projection|text_projection)\.")
+# Transformer (or convolutional stage) index per family, inside ``vision_model.`` / ``text_model.``:
+# HF CLIP / SigLIP ``encoder.layers.N``, open_clip ``transformer.resblocks.N``, an HF BERT text tower
+# (BiomedCLIP) ``encoder.layer.N``, a timm trunk ``trunk.stages.N`` / ``trunk.blocks.N``, open_clip's
+# ModifiedResNet ``visual.layerN`` (1-based: stage N is layer N-1).
+_LAYER = re.compile(r"(?:^|\.)(vision_model|text_model)\.(?:.*?\.)?(?:encoder\.layers?\.(\d+)|transformer\.resblocks\.(\d+)"
+                    r"|trunk\.(?:stages|blocks)\.(\d+)|visual\.layer(\d+))\.")
+# Below the first layer: HF embeddings / pre-norm; open_clip token and position embeddings, the ViT's patch
+# conv, class token and pre-norm, the ResNet stem, the timm stem.
+_EMBED = re.compile(r"(?:^|\.)(vision_model|text_model)\.(?:embeddings\.|pre_layrnorm\.|token_embedding\.|positional_embedding$"
+                    r"|visual\.(?:conv\d|bn\d|class_embedding$|positional_embedding$|ln_pre\.)|visual\.trunk\.(?:stem|patch_embed|cls_token$|pos_embed$)"
+                    r"|text\.transformer\.embeddings\.)")
+# The projection heads: CLIP's projections; SigLIP's heads inside its towers; open_clip's text projection
+# (a parameter), the ViT's ``proj``, the ResNet's attention pool, a timm / HF tower's head or proj.
+_HEAD = re.compile(r"(?:^|\.)(?:(visual_projection|text_projection)\.|(?:vision_model|text_model)\.head\."
+                   r"|text_model\.(?:text_projection$|text_proj\.|text\.proj\.)|vision_model\.visual\.(?:proj$|attnpool\.|head\.))")
+
+
+def _layer(m: "re.Match[str]") -> int:
+    groups = m.groups()[1:]
+    index = next(int(g) for g in groups if g is not None)
+    return index - 1 if groups[-1] is not None else index  # ModifiedResNet's layer1..layer4
 
 
 def tower_depths(model: nn.Module) -> Dict[str, int]:
-    """Transformer layers per tower, counted from the parameter names (frozen ones included)."""
+    """Transformer layers (convolutional stages) per tower, counted from the parameter names (frozen ones included)."""
     depths = {"vision": 0, "text": 0}
     for name, _ in model.named_parameters():
         m = _LAYER.search(name)
         if m:
             tower = _TOWERS[m.group(1)]
-            depths[tower] = max(depths[tower], int(m.group(2)) + 1)
+            depths[tower] = max(depths[tower], _layer(m) + 1)
     return depths
 
 
 def no_weight_decay(name: str, ndim: int) -> bool:
-    return ndim < 2 or "embedding" in name or "logit_scale" in name or "norm" in name
+    return ndim < 2 or "embedding" in name or "logit_scale" in name or "logit_bias" in name or "norm" in name
 
 
 def lr_scale(name: str, depths: Mapping[str, int], base_lr: float, layer_decay: Optional[float] = None,
              head_lr: Optional[float] = None, logit_scale_lr: Optional[float] = None) -> Tuple[str, float]:
     """``(group name, rate / base rate)`` of the model parameter ``name``."""
-    if name == "logit_scale" or name.endswith(".logit_scale"):
+    if name in ("logit_scale", "logit_bias") or name.endswith((".logit_scale", ".logit_bias")):
         return "logit_scale", (logit_scale_lr / base_lr) if logit_scale_lr is not None else 1.0
     if _HEAD.search(name):
         return "head", (head_lr / base_lr) if head_lr is not None else 1.0
     d = layer_decay if layer_decay is not None else 1.0
     m = _LAYER.search(name)
     if m:
-        tower, i = _TOWERS[m.group(1)], int(m.group(2))
+        tower, i = _TOWERS[m.group(1)], _layer(m)
         return f"{tower}.layer_{i}", d ** (depths[tower] - i)
     m = _EMBED.search(name)
     if m:

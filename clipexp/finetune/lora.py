@@ -10,6 +10,7 @@ loads). ``lora_state_dict`` is what a checkpoint needs: the adapters alone.
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Sequence
 
 import torch
@@ -30,9 +31,15 @@ def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Sequence[
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [t for t in target_modules if t not in names]
     if unknown:
-        raise ValueError(f"LoRA target module {unknown[0]!r} is not in the model; CLIP's attention projections are "
-                         f"q_proj, k_proj, v_proj, out_proj and its MLPs fc1, fc2")
-    config = LoraConfig(r=int(r), lora_alpha=float(alpha), target_modules=list(target_modules), lora_dropout=float(dropout), bias="none")
+        raise ValueError(f"LoRA target module {unknown[0]!r} is not in the model; CLIP's and SigLIP's attention projections are "
+                         f"q_proj, k_proj, v_proj, out_proj and their MLPs fc1, fc2; open_clip's MLPs are c_fc, c_proj")
+    # a family names the matching modules whose forward never runs (a weight read by MultiheadAttention): skipped
+    exclude = getattr(model, "lora_exclude", None)
+    full = [name for name, m in model.named_modules() if name and name.rsplit(".", 1)[-1] in set(target_modules)
+            and isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)) and not (exclude and re.search(exclude, name))]
+    if not full:
+        raise ValueError(f"LoRA target modules {list(target_modules)} match no layer this model runs")
+    config = LoraConfig(r=int(r), lora_alpha=float(alpha), target_modules=full, lora_dropout=float(dropout), bias="none")
     return get_peft_model(model, config)
 
 

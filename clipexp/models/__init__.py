@@ -1,18 +1,17 @@
-"""CLIP loading, building and encoding (no Hydra, no MLflow)."""
+"""Model loading (CLIP, SigLIP, open_clip families), building and encoding (no Hydra, no MLflow)."""
 
 from clipexp.models.clip import (
-    CLIPFinetuningController,
     ModelLoadError,
     build_model,
     build_processor,
     build_tokenizer,
     count_parameters,
     image_features,
-    load_clip,
     pack_captions,
     text_features,
     write_byte_level_vocab,
 )
+from clipexp.models.loading import CLIPFinetuningController, load_clip
 from clipexp.models.training import DualEncoder, apply_levers, build_training_model, enable_checkpointing, quiet_transformers
 
 __all__ = [

@@ -10,7 +10,7 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -143,53 +143,6 @@ def resolve_run_folder(path: Union[str, Path]) -> Path:
     return path
 
 
-def load_clip(
-    name_or_path: Optional[str],
-    architecture: Optional[Union[Mapping[str, Any], Any]] = None,
-    image_resolution: int = 224,
-    max_sequence_length: int = 77,
-    image_interpolation: Optional[str] = None,
-) -> Tuple[nn.Module, Any]:
-    """Return ``(CLIPModel, CLIPProcessor)``.
-
-    ``image_interpolation`` (``model.image_interpolation``; None keeps the processor's own) becomes the
-    image processor's ``resample``, so a saved ``model/`` resizes as the run did in plain transformers too.
-
-    ``name_or_path``: a hub id (``openai/clip-vit-base-patch32``), a local ``save_pretrained``
-    directory, or a clipexp run folder (its ``model/`` is loaded). ``None`` with ``architecture`` builds a random-weight CLIP and a generated tokenizer.
-    """
-    from clipexp.data.images import PIL_RESAMPLE, RESIZE_INTERPOLATION  # here: clipexp.data imports this module
-
-    if name_or_path is None:
-        if architecture is None:
-            raise ModelLoadError("model.name_or_path is null and no model.architecture is set; use model=tiny or a hub id")
-        model = build_model(architecture, image_resolution, max_sequence_length)  # weights follow the caller's seed
-        return model, build_processor(image_resolution, max_sequence_length, PIL_RESAMPLE[image_interpolation or RESIZE_INTERPOLATION])
-
-    from transformers import CLIPModel, CLIPProcessor
-
-    local = _looks_like_path(name_or_path)
-    path = str(Path(name_or_path).expanduser()) if local else name_or_path
-    if local and not Path(path).is_dir():
-        raise ModelLoadError(f"model.name_or_path={name_or_path!r}: no such directory; give a save_pretrained folder or a hub id")
-    path = str(resolve_run_folder(path)) if local else path
-    try:
-        model = CLIPModel.from_pretrained(path)
-        processor = CLIPProcessor.from_pretrained(path)
-    except OSError as err:
-        if local:
-            raise ModelLoadError(f"model.name_or_path={name_or_path!r} is not a CLIP save_pretrained folder ({str(err).splitlines()[0]})") from None
-        raise ModelLoadError(
-            f"cannot load {name_or_path!r}: the Hugging Face hub is unreachable (or the id is unknown) and it is "
-            f"not in the local cache; run offline with model=tiny, or set model.name_or_path=/path/to/a/local/clip"
-        ) from None
-    if max_sequence_length:
-        processor.tokenizer.model_max_length = max_sequence_length
-    if image_interpolation is not None:
-        processor.image_processor.resample = PIL_RESAMPLE[image_interpolation]
-    return model, processor
-
-
 # --------------------------------------------------------------------------------------------------
 # Encoding: explicit tower + projection calls (stable across transformers versions)
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +151,12 @@ def load_clip(
 def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, normalize: bool = True,
                   text_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Text embeddings ``[N, D]``; with ``text_index`` (from :func:`pack_captions`) row ``i`` is caption ``text_index[i]``."""
+    spec = getattr(model, "clipexp_text", None)  # SigLIP: the trained length, no mask (see clipexp.models.families)
+    if spec is not None:
+        if input_ids.shape[1] < spec["length"]:
+            input_ids = F.pad(input_ids, (0, spec["length"] - input_ids.shape[1]), value=spec["pad_id"])
+        if not spec["mask"]:
+            attention_mask = None
     pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
     feats = model.text_projection(pooled)
     feats = F.normalize(feats.float(), dim=-1) if normalize else feats
@@ -245,90 +204,3 @@ def image_features(model: nn.Module, pixel_values: torch.Tensor, normalize: bool
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-class CLIPFinetuningController:
-    """Load a CLIP onto the chosen device and encode with it (the original notes' controller).
-
-    ``config`` is a :class:`clipexp.config.validate.CLIPFinetuningConfig`. ``model_name=None`` (or ``"tiny"``)
-    builds a random-weight CLIP of ``architecture`` (default: ``ArchitectureConfig()``), offline.
-    """
-
-    def __init__(self, config, architecture=None, device_manager=None):
-        from clipexp.device import DeviceManager
-
-        self.config = config
-        self.architecture = architecture
-        if config.model_name in (None, "tiny") and architecture is None:
-            self.architecture = ArchitectureConfig()
-        self.device_manager = device_manager or DeviceManager(
-            config.device, "fp32" if not config.mixed_precision else config.precision, use_mps=config.use_mps
-        )
-        self.model: Optional[nn.Module] = None
-        self.processor = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.device_manager.device
-
-    def setup(self) -> "CLIPFinetuningController":
-        name = None if self.config.model_name in (None, "tiny") else self.config.model_name
-        self.model, self.processor = load_clip(
-            name, self.architecture, self.config.image_resolution, self.config.max_sequence_length
-        )
-        self.model.to(self.device)
-        self.device_manager.log_device_info()
-        log.info("model %s: %.2fM parameters on %s", name or "built", count_parameters(self.model) / 1e6, self.device)
-        return self
-
-    def _require(self):
-        if self.model is None:
-            raise RuntimeError("call setup() before encoding")
-
-    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
-        return self.processor.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.config.max_sequence_length, return_tensors="pt"
-        )
-
-    @torch.no_grad()
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings [N, D] (float32, on the model's device)."""
-        self._require()
-        self.model.eval()
-        tok = self.tokenize(texts)
-        with self.device_manager.info.autocast():
-            return text_features(self.model, tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
-
-    @torch.no_grad()
-    def encode_image(self, images: List[Any]) -> torch.Tensor:
-        """L2-normalised image embeddings [N, D] for PIL images."""
-        self._require()
-        self.model.eval()
-        pixels = self.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        with self.device_manager.info.autocast():
-            return image_features(self.model, pixels.to(self.device))
-
-    @torch.no_grad()
-    def compute_similarity(self, text: Sequence[str], images: List[Any]) -> torch.Tensor:
-        """Cosine similarity [n_images, n_texts]."""
-        return self.encode_image(images) @ self.encode_text(text).T
-
-    def get_model_state(self) -> Dict[str, Any]:
-        state = {
-            "model_name": self.config.model_name or "tiny",
-            "is_loaded": self.model is not None,
-            **self.device_manager.describe(),
-        }
-        if self.model is not None:
-            state["num_parameters"] = count_parameters(self.model)
-            state["num_trainable_parameters"] = count_parameters(self.model, trainable_only=True)
-            state["embedding_dim"] = int(self.model.config.projection_dim)
-        return state
-
-    def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write model + tokenizer + image processor; ``CLIPModel.from_pretrained(directory)`` loads it."""
-        self._require()
-        directory = Path(directory)
-        self.model.save_pretrained(directory)
-        self.processor.save_pretrained(directory)
-        return directory

@@ -7,7 +7,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from clipexp.models.clip import image_features, load_clip, text_features
+from clipexp.models.clip import image_features, text_features
+from clipexp.models.loading import load_clip
 
 
 class DualEncoder(nn.Module):
@@ -25,6 +26,7 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.vision_model, self.visual_projection = model.vision_model, model.visual_projection
         self.text_model, self.text_projection = model.text_model, model.text_projection
+        self.clipexp_text = getattr(model, "clipexp_text", None)  # the family's text spec (SigLIP), read by text_features
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 text_index: Optional[torch.Tensor] = None):
@@ -39,6 +41,9 @@ def enable_checkpointing(model: nn.Module, towers: str = "both") -> None:
     (the encoder in 4.x, each layer in 5.x).
     """
     kwargs = {"use_reentrant": False}
+    if hasattr(model, "set_tower_checkpointing"):  # open_clip: its own grad_checkpointing flags
+        model.set_tower_checkpointing(towers)
+        return
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (gradient_checkpointing_enable is deprecated)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -80,7 +85,8 @@ def build_training_model(model_cfg: Any, device_cfg: Any, device: torch.device,
     m = model_cfg
     arch = dict(m.architecture) if m.architecture is not None else None
     model, processor = load_clip(m.name_or_path, arch, m.image_resolution, m.max_sequence_length,
-                                 image_interpolation=m.image_interpolation)
+                                 image_interpolation=m.image_interpolation, family=getattr(m, "family", None),
+                                 arch=getattr(m, "arch", None), pretrained=getattr(m, "pretrained", None))
     if prepare is not None:
         model = prepare(model)
     apply_levers(model, lock_image=m.lock_image, lock_text=m.lock_text, gradient_checkpointing=m.gradient_checkpointing,

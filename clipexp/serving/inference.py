@@ -136,7 +136,7 @@ class CLIPInference:
                         prompt_templates: Optional[Sequence[str]] = None) -> "CLIPInference":
         """A ``save_pretrained`` folder (a run's ``model/``). Without ``clipexp_inference.json`` (a hub
         model) the spec comes from the folder's processor and ``class_names``/``prompt_templates``."""
-        from clipexp.models.clip import load_clip
+        from clipexp.models.loading import load_clip
 
         spec = InferenceSpec.load(model_dir)
         model, processor = load_clip(str(Path(model_dir).resolve()), None, 224, None)

@@ -38,7 +38,7 @@ def resolve_model(source: str, tracking_uri: Optional[str], tmp: Path) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         for candidate in (path, path / "model"):
-            if (candidate / "config.json").is_file():
+            if (candidate / "config.json").is_file() or (candidate / "open_clip_config.json").is_file():
                 return candidate
         raise PredictError(f"--model {source}: no config.json there or in its model/ folder; give a run folder or a save_pretrained folder")
     if source.startswith(("runs:/", "models:/")) or re.fullmatch(r"[0-9a-f]{32}", source):
