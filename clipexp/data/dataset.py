@@ -329,6 +329,19 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def split_transforms(data_cfg: Any, processor: Any, templates: Sequence[str], *, augmentation: Any, image_resolution: int,
+                     image_interpolation: str, max_sequence_length: int, pixels: str):
+    """(train image, eval image, train text, eval text) transforms of a run: one place for every source
+    (files and shards), so they all resize, augment, normalise and tokenize alike."""
+    mean, std = processor_mean_std(processor)
+    common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels, interpolation=image_interpolation)
+    train_tf = ImageTransform(augment=bool(_get(data_cfg, "augment_images", True)), policy=augmentation, **common)
+    eval_tf = ImageTransform(augment=False, **common)
+    train_tt = TextTransform(processor, max_sequence_length, templates, augment=bool(_get(data_cfg, "augment_text", False)))
+    eval_tt = TextTransform(processor, max_sequence_length, templates, augment=False)
+    return train_tf, eval_tf, train_tt, eval_tt
+
+
 def build_datasets(
     data_cfg: Mapping[str, Any],
     *,
@@ -366,12 +379,9 @@ def build_datasets(
     train_p, val_p, test_p = split_pairs(pairs, *ratios, seed)
     check_split_sizes(pairs, (train_p, val_p, test_p), ratios)
     class_names = class_names_of(pairs)
-    mean, std = processor_mean_std(processor)
-    common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels, interpolation=image_interpolation)
-    train_tf = ImageTransform(augment=bool(_get(data_cfg, "augment_images", True)), policy=augmentation, **common)
-    eval_tf = ImageTransform(augment=False, **common)
-    train_tt = TextTransform(processor, max_sequence_length, templates, augment=bool(_get(data_cfg, "augment_text", False)))
-    eval_tt = TextTransform(processor, max_sequence_length, templates, augment=False)
+    train_tf, eval_tf, train_tt, eval_tt = split_transforms(data_cfg, processor, templates, augmentation=augmentation,
+                                                            image_resolution=image_resolution, image_interpolation=image_interpolation,
+                                                            max_sequence_length=max_sequence_length, pixels=pixels)
     kw = dict(resolution=image_resolution, cache=cache, seed=seed, class_names=class_names)
     train_cls = MultiCaptionCLIPDataset if any(len(p.captions) > 1 for p in train_p) else CLIPDataset
     train = train_cls(train_p, processor, None, train_tf, train_tt, **kw)

@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipexp.data.dataset import CLIPDataset, DataSplits, _get, item_seed, main_process_single_thread
+from clipexp.data.dataset import CLIPDataset, DataSplits, _get, item_seed, main_process_single_thread, split_transforms
 from clipexp.data.images import ImageDecodeError, channels_last, decode_image_bytes, resize_shorter
 from clipexp.data.pairs import ImageTextPair, normalize_caption
 from clipexp.data.problems import DataValidationError
@@ -332,8 +332,7 @@ def build_webdataset_splits(data_cfg, *, processor, image_resolution: int, max_s
                             augmentation, seed: int, pixels: str, image_interpolation: str):
     """:class:`~clipexp.data.DataSplits` of ``data.urls`` (a :class:`WebDatasetStream`) and ``data.val_urls`` /
     ``data.test_urls`` (read whole, into memory: evaluation needs every pair at once)."""
-    from clipexp.data.text import TextTransform
-    from clipexp.data.transforms import DEFAULT_TEMPLATES, ImageTransform, processor_mean_std
+    from clipexp.data.text import DEFAULT_TEMPLATES
 
     keys = Keys(_get(data_cfg, "image_key", IMAGE_KEYS), _get(data_cfg, "caption_key", "txt"),
                 _get(data_cfg, "label_key", "json.label"))
@@ -344,12 +343,9 @@ def build_webdataset_splits(data_cfg, *, processor, image_resolution: int, max_s
     read = {name: read_split(s, keys, _get(data_cfg, "on_error", "raise")) if s is not None else None for name, s in evals.items()}
     class_names = train_set.class_names or sorted({p.label for r in read.values() if r for p in r[0] if p.label is not None})
     templates = list(prompt_templates or DEFAULT_TEMPLATES)
-    mean, std = processor_mean_std(processor)
-    common = dict(resolution=image_resolution, mean=mean, std=std, output=pixels, interpolation=image_interpolation)
-    train_tf = ImageTransform(augment=bool(_get(data_cfg, "augment_images", True)), policy=augmentation, **common)
-    eval_tf = ImageTransform(augment=False, **common)
-    train_tt = TextTransform(processor, max_sequence_length, templates, augment=bool(_get(data_cfg, "augment_text", False)))
-    eval_tt = TextTransform(processor, max_sequence_length, templates, augment=False)
+    train_tf, eval_tf, train_tt, eval_tt = split_transforms(data_cfg, processor, templates, augmentation=augmentation,
+                                                            image_resolution=image_resolution, image_interpolation=image_interpolation,
+                                                            max_sequence_length=max_sequence_length, pixels=pixels)
     train = WebDatasetStream(train_set, image_transform=train_tf, text_transform=train_tt, class_names=class_names, seed=seed,
                              shuffle=bool(_get(data_cfg, "shuffle", True)), shuffle_buffer=int(_get(data_cfg, "shuffle_buffer", 1000)),
                              keys=keys, resolution=image_resolution, interpolation=image_interpolation,
