@@ -24,10 +24,10 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
+from processes import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -86,14 +86,6 @@ def test_shards_give_the_csv_sources_metrics(tmp_path, textile_shards):
     assert "train 77 / val 10 / test 9 pairs; 12 steps (9 per epoch)" in out + err
 
 
-def _wait_for(path: Path, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def test_sigkill_and_resume_continue_the_stream_step_exactly(tmp_path, textile_shards):
     # 2 workers: 4 shards each, the smallest 4 hold 37 samples -> 4 batches of 8 per worker, 8 steps per epoch
     args = [*SMOKE, *_shard_args(textile_shards), "data.num_workers=2", "data.shuffle_buffer=16", "trainer.max_steps=20",
@@ -101,7 +93,7 @@ def test_sigkill_and_resume_continue_the_stream_step_exactly(tmp_path, textile_s
     ref = _popen([*args, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
     run = [*args, f"hydra.run.dir={tmp_path / 'run'}"]
     proc = _popen(run, tmp_path)
-    _wait_for(tmp_path / "run" / "checkpoints" / "step_0000009.pt", proc)  # epoch 1, after its first batch
+    wait_for(tmp_path / "run" / "checkpoints" / "step_0000009.pt", proc)  # epoch 1, after its first batch
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL

@@ -137,7 +137,9 @@ def resolve_run_folder(path: Union[str, Path]) -> Path:
     """A clipexp run folder (``outputs/<date>/<time>``, holding ``model/``) -> its ``model/``; any other
     folder as it is. So stage 2 of a two-stage run can name stage 1's run folder or its ``model/``."""
     path = Path(path)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+    markers = ("config.json", "open_clip_config.json")  # an HF family's save_pretrained folder, an open_clip one
+    is_model = any((path / m).is_file() for m in markers)
+    if not is_model and any((path / "model" / m).is_file() for m in markers):
         log.info("model.name_or_path=%s is a run folder: loading its model/", path)
         return path / "model"
     return path

@@ -212,12 +212,3 @@ def load_open_clip_family(arch: Optional[str], pretrained: Optional[str], archit
         finally:
             hc.HF_HUB_OFFLINE = old
     return load_open_clip(arch, pretrained, resample)
-
-
-def resolve_saved(path: Union[str, Path]) -> Path:
-    """A run folder -> its ``model/``; a model folder (any family's layout) as it is."""
-    path = Path(path)
-    is_model = (path / "config.json").is_file() or (path / "open_clip_config.json").is_file()
-    if not is_model and ((path / "model" / "config.json").is_file() or (path / "model" / "open_clip_config.json").is_file()):
-        return path / "model"
-    return path

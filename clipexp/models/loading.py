@@ -50,7 +50,7 @@ def load_clip(
             arch = name_or_path if not str(name_or_path).startswith("hf-hub:") else None
             pretrained = name_or_path if str(name_or_path).startswith("hf-hub:") else pretrained
         if arch and _looks_like_path(arch):
-            arch = str(fam.resolve_saved(Path(arch).expanduser()))
+            arch = str(resolve_run_folder(Path(arch).expanduser()))
         try:
             return fam.load_open_clip_family(arch, pretrained, arch_dict, image_resolution, max_sequence_length,
                                              resample if (arch or pretrained) else PIL_RESAMPLE[image_interpolation or RESIZE_INTERPOLATION])

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from processes import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,14 +128,6 @@ def _popen(args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 LONG = ["trainer.max_steps=24", "trainer.save_steps=4", "trainer.eval_steps=8", "trainer.keep_last=10", "data.augment_text=true"]
 
 
@@ -148,7 +140,7 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
     # the same run killed with SIGKILL once step 8's checkpoint exists, then resumed
     args = [*SMOKE, *LONG, _store(tmp_path), f"hydra.run.dir={tmp_path / 'run'}"]
     proc = _popen(args, tmp_path)
-    _wait_for(tmp_path / "run" / "checkpoints" / "step_0000008.pt", proc)
+    wait_for(tmp_path / "run" / "checkpoints" / "step_0000008.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -171,7 +163,7 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path):
     proc = _popen([*SMOKE, *LONG, "trainer.max_steps=400", _store(tmp_path), f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    _wait_for(tmp_path / "run" / "checkpoints" / "step_0000004.pt", proc)
+    wait_for(tmp_path / "run" / "checkpoints" / "step_0000004.pt", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
