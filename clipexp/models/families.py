@@ -18,6 +18,7 @@ No Hydra, no MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 from torch import nn
@@ -98,6 +99,23 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def hub_access(local: bool) -> Iterator[Dict[str, Any]]:
+    """The keyword arguments for a ``from_pretrained`` call: ``{}`` for a local folder or a reachable hub;
+    otherwise ``local_files_only`` with huggingface_hub's offline switch on for the call, so neither the
+    model, the processor nor the adapter lookup transformers does on the side spends its retries (~25 s)."""
+    if local or hub_reachable():
+        yield {}
+        return
+    import huggingface_hub.constants as hc
+
+    old, hc.HF_HUB_OFFLINE = hc.HF_HUB_OFFLINE, True
+    try:
+        yield {"local_files_only": True}
+    finally:
+        hc.HF_HUB_OFFLINE = old
+
+
 def offline_error(name: str) -> str:
     return (f"cannot load {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1, or the id is unknown) and it is "
             f"not in the local cache; run offline with model=tiny, model=tiny_siglip or model=tiny_open_clip, or point "
@@ -166,14 +184,14 @@ def build_siglip(architecture: Dict[str, Any], image_resolution: int, max_sequen
 def load_siglip(path: str, local: bool, max_sequence_length: Optional[int], resample: Optional[int]):
     from transformers import AutoModel, AutoProcessor, AutoTokenizer, SiglipImageProcessor
 
-    kwargs = {} if local or hub_reachable() else {"local_files_only": True}
     try:
-        model = AutoModel.from_pretrained(path, **kwargs)
-        try:
-            processor = AutoProcessor.from_pretrained(path, **kwargs)
-            tokenizer, image_processor = processor.tokenizer, processor.image_processor
-        except (OSError, ValueError, TypeError):  # a clipexp-built model: byte-level tokenizer + SigLIP image processor
-            tokenizer, image_processor = AutoTokenizer.from_pretrained(path, **kwargs), SiglipImageProcessor.from_pretrained(path, **kwargs)
+        with hub_access(local) as kwargs:
+            model = AutoModel.from_pretrained(path, **kwargs)
+            try:
+                processor = AutoProcessor.from_pretrained(path, **kwargs)
+                tokenizer, image_processor = processor.tokenizer, processor.image_processor
+            except (OSError, ValueError, TypeError):  # a clipexp-built model: byte-level tokenizer + SigLIP image processor
+                tokenizer, image_processor = AutoTokenizer.from_pretrained(path, **kwargs), SiglipImageProcessor.from_pretrained(path, **kwargs)
     except OSError as err:
         if local:
             raise ValueError(f"{path!r} is not a SigLIP save_pretrained folder ({str(err).splitlines()[0]})") from None
@@ -201,14 +219,10 @@ def load_open_clip_family(arch: Optional[str], pretrained: Optional[str], archit
     local = bool(arch) and Path(arch).expanduser().is_dir()
     needs_hub = not local and (str(pretrained or "").startswith("hf-hub:") or
                                (pretrained and not Path(pretrained).expanduser().is_file()))
-    if needs_hub and not hub_reachable():
-        import huggingface_hub.constants as hc
-
-        old, hc.HF_HUB_OFFLINE = hc.HF_HUB_OFFLINE, True  # the local cache only: no retries
-        try:
+    with hub_access(not needs_hub) as kwargs:
+        if not kwargs:
+            return load_open_clip(arch, pretrained, resample)
+        try:  # the local cache only
             return load_open_clip(arch, pretrained, resample)
         except Exception:  # noqa: BLE001 - open_clip's errors for a missing file vary; one line
             raise ConnectionError(offline_error(pretrained or arch)) from None
-        finally:
-            hc.HF_HUB_OFFLINE = old
-    return load_open_clip(arch, pretrained, resample)

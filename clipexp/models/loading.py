@@ -79,10 +79,10 @@ def load_clip(
 
     from transformers import CLIPModel, CLIPProcessor
 
-    kwargs = {} if local or fam.hub_reachable() else {"local_files_only": True}  # no ~50 s of retries offline
     try:
-        model = CLIPModel.from_pretrained(path, **kwargs)
-        processor = CLIPProcessor.from_pretrained(path, **kwargs)
+        with fam.hub_access(local) as kwargs:  # offline: the local cache only, no ~50 s of retries
+            model = CLIPModel.from_pretrained(path, **kwargs)
+            processor = CLIPProcessor.from_pretrained(path, **kwargs)
     except OSError as err:
         if local:
             raise ModelLoadError(f"model.name_or_path={name_or_path!r} is not a CLIP save_pretrained folder ({str(err).splitlines()[0]})") from None
