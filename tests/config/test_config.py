@@ -52,6 +52,14 @@ def test_domain_flows_into_trainer_and_loss(compose_cfg):
     assert compose_cfg("domain=medical", "trainer.learning_rate=1e-4").trainer.learning_rate == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("model", ["siglip_base", "siglip2_base", "tiny_siglip"])
+def test_siglip_family_trains_with_the_sigmoid_loss_unless_another_is_chosen(compose_cfg, model):
+    assert compose_cfg(f"model={model}").loss.name == "siglip"
+    assert compose_cfg(f"model={model}", "loss=contrastive").loss.name == "contrastive"
+    assert compose_cfg("experiment=quickstart", f"model={model}").loss.name == "contrastive"  # the preset names its loss
+    assert compose_cfg("model=tiny").loss.name == compose_cfg("model=tiny_open_clip").loss.name == "contrastive"
+
+
 def test_trainer_keys_override(compose_cfg):
     cfg = compose_cfg("trainer.max_steps=50", "trainer.batch_size=4", "seed=7")
     assert (cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.seed) == (50, 4, 7)
