@@ -21,30 +21,30 @@ from clipexp.models.clip import ArchitectureConfig
 class LoraConfig:
     """LoRA adapters through peft (``r: 0`` = off): only the adapters train; the saved model is merged."""
 
-    r: int = 0
-    alpha: float = 16.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    dropout: float = 0.0
+    r: int = 0  # adapter rank; 0 = off
+    alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / r)
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])  # module names that get adapters (per family: see docs/models.md)
+    dropout: float = 0.0  # dropout on the adapter input
 
 
 @dataclass
 class ModelConfig:
-    name: str = "clip_vit_b32"
+    name: str = "clip_vit_b32"  # the option's name (logged as the model tag)
     # Hub id or local directory; null together with ``architecture`` builds a random-weight CLIP.
     name_or_path: Optional[str] = "openai/clip-vit-base-patch32"
     # clip | siglip | open_clip (clipexp.models.families); null: from the folder or hub id
     family: Optional[str] = None
     arch: Optional[str] = None        # open_clip: architecture (ViT-B-32, RN50, convnext_base_w) or a saved folder
     pretrained: Optional[str] = None  # open_clip: a pretrained tag, a checkpoint file, or hf-hub:<id>
-    image_resolution: int = 224
+    image_resolution: int = 224  # input size in pixels; pretrained models take theirs from the checkpoint
     # the resize to image_resolution and the augmentation's warp: bicubic (antialiased, as CLIP's own
     # processor) | bilinear | nearest (keeps source pixels: fine texture survives a downscale)
     image_interpolation: str = "bicubic"
-    max_sequence_length: int = 77
+    max_sequence_length: int = 77  # text context in tokens (capped at the model's)
     architecture: Optional[ArchitectureConfig] = None
     gradient_checkpointing: Any = False  # true (both towers) | image | text | false
-    lock_image: bool = False
-    lock_text: bool = False
+    lock_image: bool = False  # freeze the image tower (LiT-style)
+    lock_text: bool = False  # freeze the text tower
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -53,81 +53,81 @@ class AugmentationConfig:
     """Training-time image augmentation of a domain (torchvision v2, applied to uint8 tensors)."""
 
     crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 = resize + centre crop only
-    hflip: bool = False
-    vflip: bool = False
-    rotation_degrees: float = 0.0
+    hflip: bool = False  # random horizontal flips
+    vflip: bool = False  # random vertical flips
+    rotation_degrees: float = 0.0  # random rotation within +-this many degrees; 0 = off
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
 
 
 @dataclass
 class DomainConfig:
-    name: str = "general"
-    learning_rate: float = 5e-5
-    num_epochs: int = 10
-    prompt_templates: List[str] = field(default_factory=lambda: ["a photo of {}."])
+    name: str = "general"  # general | medical | industrial | scientific
+    learning_rate: float = 5e-5  # the domain's default trainer.learning_rate
+    num_epochs: int = 10  # the domain's default trainer.num_epochs
+    prompt_templates: List[str] = field(default_factory=lambda: ["a photo of {}."])  # zero-shot prompts, {} = the class name (also text augmentation)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    # Strength of the domain's loss adjustment (``loss=domain_specific``); see README "Losses".
+    # Strength of the domain's loss adjustment (``loss=domain_specific``); see docs/losses.md.
     loss_weight: float = 1.0
 
 
 @dataclass
 class LossConfig:
-    name: str = "contrastive"
-    temperature: float = 0.07
-    learnable_temp: bool = False
-    use_model_logit_scale: bool = False
-    multi_positive: bool = True
-    hard_negative_ratio: float = 0.5
-    mining_strategy: str = "semi-hard"
-    hard_negative_weight: float = 2.0
-    domain: str = "general"
-    domain_weight: float = 1.0
-    scales: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
-    scale_weights: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
-    normalize_weights: bool = True
-    siglip_init_bias: float = -10.0
+    name: str = "contrastive"  # contrastive | hard_negative | domain_specific | multi_scale | siglip
+    temperature: float = 0.07  # T (logits = cos / T); SigLIP: 1 / t
+    learnable_temp: bool = False  # learn log(1/T), clamped at ln 100; excludes a schedule
+    use_model_logit_scale: bool = False  # use the model's own logit_scale instead of the loss's temperature
+    multi_positive: bool = True  # same-group pairs (equal captions or classes) are positives; false = textbook CLIP targets
+    hard_negative_ratio: float = 0.5  # hard_negative: share of true negatives mined per row
+    mining_strategy: str = "semi-hard"  # hard_negative: semi-hard | hard | weighted
+    hard_negative_weight: float = 2.0  # hard_negative: how many times a mined negative counts in the denominator
+    domain: str = "general"  # domain_specific: whose adjustment (from domain.name)
+    domain_weight: float = 1.0  # domain_specific: its strength (from domain.loss_weight)
+    scales: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])  # multi_scale: temperature multipliers
+    scale_weights: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])  # multi_scale: weight of each scale
+    normalize_weights: bool = True  # multi_scale: scale_weights normalised to sum 1
+    siglip_init_bias: float = -10.0  # siglip: initial logit bias
     # Temperature schedule: one string key so sweeps can write loss.temperature_schedule=cosine,exponential
     temperature_schedule: str = "constant"
-    min_temp: float = 0.01
-    max_temp: float = 0.1
-    temp_warmup_steps: int = 0
-    temp_decay_rate: float = 0.999
-    temp_patience: int = 100
-    temp_factor: float = 0.9
+    min_temp: float = 0.01  # lower clamp of every schedule
+    max_temp: float = 0.1  # upper clamp of every schedule; warmup starts here
+    temp_warmup_steps: int = 0  # warmup / cosine: steps from max_temp to temperature
+    temp_decay_rate: float = 0.999  # exponential: T x rate^step
+    temp_patience: int = 100  # adaptive: steps without a 0.1% loss improvement before T shrinks
+    temp_factor: float = 0.9  # adaptive: T is multiplied by this
 
 
 @dataclass
 class DataConfig:
-    source: str = "textile"
-    path: Optional[str] = None
-    image_column: str = "image_path"
-    caption_column: str = "caption"
-    label_column: Optional[str] = "label"
-    hf_split: str = "train"
-    train_split: float = 0.8
-    val_split: float = 0.1
-    test_split: float = 0.1
-    max_samples: Optional[int] = None
+    source: str = "textile"  # textile | csv | json | folder | hf | webdataset
+    path: Optional[str] = None  # the CSV / JSON file, image folder or saved HF dataset
+    image_column: str = "image_path"  # CSV / HF column holding the image path
+    caption_column: str = "caption"  # CSV / HF column holding the caption
+    label_column: Optional[str] = "label"  # CSV / HF column holding the class (optional; null = unlabelled)
+    hf_split: str = "train"  # the split of a DatasetDict
+    train_split: float = 0.8  # share of the pairs for training
+    val_split: float = 0.1  # share for validation (evaluations, best checkpoint)
+    test_split: float = 0.1  # share for the final test evaluation
+    max_samples: Optional[int] = None  # use at most this many pairs (a quick look); null = all
     num_workers: Optional[int] = None  # null = chosen from the machine's cores
-    shuffle: bool = True
-    augment_images: bool = True
-    augment_text: bool = False
-    on_error: str = "raise"
+    shuffle: bool = True  # reshuffle the training pairs every epoch
+    augment_images: bool = True  # apply the domain's augmentation to training images
+    augment_text: bool = False  # draw each labelled sample's caption among its captions and the domain's filled prompts
+    on_error: str = "raise"  # raise: stop on bad rows (all listed) | skip: drop them and go on
     allow_outside_root: bool = False  # images outside the CSV/JSON's folder are an error unless true
     check_images: bool = True  # decode every image before training (catches truncated files)
-    cache_images: str = "auto"
-    cache_memory_mb: int = 2048
-    cache_dir: Optional[str] = None
+    cache_images: str = "auto"  # auto | memory | disk | none: cache decoded, resized images
+    cache_memory_mb: int = 2048  # auto: the memory cache's limit
+    cache_dir: Optional[str] = None  # disk cache folder; null = ./.clipexp_cache
     # data=webdataset (clipexp.data.webdataset, docs/shards.md): shards streamed into the trainer
     urls: Optional[str] = None  # train shards: a brace pattern, paths or pipe: URLs ('::' joins several)
-    val_urls: Optional[str] = None
-    test_urls: Optional[str] = None
+    val_urls: Optional[str] = None  # validation shards (same forms as urls)
+    test_urls: Optional[str] = None  # test shards
     manifest: Optional[str] = None  # null = manifest.json beside the first shard (else img2dataset's _stats.json)
-    image_key: str = "jpg;jpeg;png;webp"
+    image_key: str = "jpg;jpeg;png;webp"  # extensions tried for a sample's image, in order
     caption_key: str = "txt"  # an extension or json.<field>
     label_key: Optional[str] = "json.label"  # json.<field>, an extension (cls), or null (unlabelled)
-    shuffle_buffer: int = 1000
-    max_bad_fraction: float = 0.01
+    shuffle_buffer: int = 1000  # samples held for shuffling the stream
+    max_bad_fraction: float = 0.01  # stop when more than this share of streamed samples is bad
 
 
 @dataclass
@@ -135,17 +135,17 @@ class EvalDataConfig(DataConfig):
     """A second, evaluation-only data source (``eval_data=<option>``): e.g. a "retention" set that measures
     what fine-tuning forgot. Its metrics are ``<name>/...`` next to ``val/...`` at every evaluation."""
 
-    name: str = "retention"
+    name: str = "retention"  # its metrics are logged as <name>/...
     split: str = "val"  # which of its splits to evaluate (its own *_split keys and the run's seed), or all
     prompt_templates: Optional[List[str]] = None  # zero-shot prompts; null = the run's domain prompts
 
 
 @dataclass
 class DeviceConfig:
-    type: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
+    type: str = "auto"  # auto | cuda | mps | cpu
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 never on CPU)
+    channels_last: bool = False  # images in channels-last memory layout (helps convolutional towers)
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -161,34 +161,34 @@ class WiseFTConfig:
 
 @dataclass
 class TrainerConfig:
-    learning_rate: float = 5e-5
+    learning_rate: float = 5e-5  # peak learning rate, after warm-up (default: the domain's)
     batch_size: Optional[int] = None  # null = automatic
     eval_batch_size: Optional[int] = None  # null = batch_size
-    num_epochs: int = 10
+    num_epochs: int = 10  # run length when max_steps is null (default: the domain's)
     max_steps: Optional[int] = None  # set: overrides num_epochs
     warmup_steps: int = 500
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     accumulation: str = "plain"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-6
-    fused_adamw: bool = True
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.98  # AdamW beta2
+    adam_eps: float = 1e-6  # AdamW epsilon
+    fused_adamw: bool = True  # fused AdamW (used on CUDA only)
     pack_captions: bool = True  # each distinct caption of a batch encoded once, padding cut to the longest
-    save_steps: int = 1000
-    eval_steps: int = 500
-    logging_steps: int = 100
+    save_steps: int = 1000  # write a step checkpoint every N optimizer steps
+    eval_steps: int = 500  # evaluate on val every N optimizer steps
+    logging_steps: int = 100  # log train/* metrics every N optimizer steps
     eval_at_start: bool = True
     monitor: str = "val/t2i_R1"
-    monitor_mode: str = "max"
-    keep_last: int = 2
+    monitor_mode: str = "max"  # max | min: which direction of trainer.monitor is better
+    keep_last: int = 2  # step checkpoints kept (best.pt is kept apart)
     early_stopping_patience: Optional[int] = None
     resume: Optional[str] = None  # latest | latest_or_new | <run folder> | <checkpoint file>: this run's folder or the one named
-    resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (README "What survives what")
-    progress: bool = True
+    resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (docs/fault-tolerance.md)
+    progress: bool = True  # show the progress bar
     dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
-    # Robust fine-tuning (README "Robust fine-tuning")
+    # Robust fine-tuning (docs/robust-finetuning.md)
     layer_decay: Optional[float] = None  # per tower: layer i of L gets lr x decay^(L - i); null = off
     head_lr: Optional[float] = None  # projection heads; null = learning_rate
     logit_scale_lr: Optional[float] = None  # the temperature (logit scale, a loss's own temperature/bias); null = learning_rate
@@ -198,14 +198,14 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # log to MLflow; false = the run folder only
     uri: Optional[str] = None  # null = sqlite:///<project root>/mlflow.db
-    experiment: str = "clipexp"
+    experiment: str = "clipexp"  # MLflow experiment name
     run_name: Optional[str] = None  # null = made from the command-line overrides
-    log_model: bool = True
+    log_model: bool = True  # log model/ (the save_pretrained folder) as artifacts
     pyfunc_model: bool = True  # the MLflow pyfunc model runs:/<id>/clip (clipexp.serving.logged_model); ~5 s of CPU per run
     register_model: Optional[str] = None  # a Model Registry name: register the run's "clip" model under it
-    system_metrics: bool = False
+    system_metrics: bool = False  # log MLflow's CPU / GPU / memory system metrics
     retry_s: float = 30.0  # store unreachable mid-run: writes are held and retried this often
     end_timeout_s: float = 60.0  # at the end, wait this long for held writes before spooling them to the run folder
 
@@ -220,7 +220,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval_data: Optional[EvalDataConfig] = None  # eval_data=<option>: an extra evaluation-only data source
-    seed: int = 42
+    seed: int = 42  # seeds weights of built models, splits, order, augmentation
     optimized_metric: Optional[str] = None  # set by hparams_search presets (documentation only)
 
 

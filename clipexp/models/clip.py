@@ -31,16 +31,16 @@ class ModelLoadError(RuntimeError):
 class ArchitectureConfig:
     """Sizes of a CLIP built from a ``CLIPConfig`` with random weights (``model=tiny``)."""
 
-    projection_dim: int = 64
-    patch_size: int = 8
-    vision_hidden_size: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    vision_intermediate_size: int = 128
-    text_hidden_size: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    text_intermediate_size: int = 128
+    projection_dim: int = 64  # embedding size
+    patch_size: int = 8  # ViT patch size in pixels (unused by convolutional towers)
+    vision_hidden_size: int = 64  # image tower width
+    vision_layers: int = 2  # image tower depth
+    vision_heads: int = 2  # image tower attention heads
+    vision_intermediate_size: int = 128  # image tower MLP width
+    text_hidden_size: int = 64  # text tower width
+    text_layers: int = 2  # text tower depth
+    text_heads: int = 2  # text tower attention heads
+    text_intermediate_size: int = 128  # text tower MLP width
 
 
 # --------------------------------------------------------------------------------------------------
