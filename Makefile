@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # make test THREADS=1 (or 2): the suite's torch intra-op threads; empty = torch's default
 THREADS ?=
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test docs bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,12 @@ quickstart: setup
 test: setup
 	CLIPEXP_TEST_THREADS=$(THREADS) $(BIN)/python -m pytest -q --durations=15   # the 15 slowest, for the next trim
 
+docs: setup
+	$(BIN)/python -m clipexp.config.reference > docs/reference/configuration.md   # regenerate the reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf outputs multirun mlflow.db mlflow.db.lock mlartifacts .pytest_cache
+	rm -rf outputs multirun mlflow.db mlflow.db.lock mlartifacts .pytest_cache site

@@ -100,6 +100,12 @@ CANDIDATES: Dict[str, List[str]] = {
     # small patches: 256 tokens instead of 64 (about 4x the step), to test whether patch size is the limit
     "nn_p10": [*_NEAREST, "model.architecture.patch_size=10"],
     "nn_128_p8": [*_NEAREST, "model.image_resolution=128", "model.architecture.patch_size=8"],
+    # another model family: open_clip's ModifiedResNet (a convolutional image tower: stem + bottleneck blocks,
+    # attention pooling) with random weights and open_clip's BPE tokenizer, at the quick start's 160 px
+    "open_clip_conv": ["model=tiny_open_clip", "model.image_resolution=160"],   # 600 steps: ~4.6x the preset's CPU
+    # the same at the preset's CPU budget: a step costs ~4.6x the tiny ViT's on this CPU, so 130 steps
+    "open_clip_conv_budget": ["model=tiny_open_clip", "model.image_resolution=160", "trainer.max_steps=130",
+                              "trainer.warmup_steps=7", "trainer.eval_steps=26", "trainer.save_steps=26"],
 }
 
 
