@@ -7,7 +7,8 @@ neither a clipexp install nor its config), a signature and an input example, and
 requirements (no slow requirement inference). ``tracking.register_model=NAME`` registers it as a new
 version of ``NAME``, tagged with the monitored metric and its best value.
 
-Input: a DataFrame with ``image`` (a file path or base64-encoded image bytes) and/or ``text``; ``params``
+Input: a DataFrame with ``image`` (base64-encoded image bytes: a served model opens no path it is sent, unless
+``tracking.serve_file_root`` named a folder; see :mod:`clipexp.serving.policy`) and/or ``text``; ``params``
 ``{"task": "zero_shot" | "embed" | "similarity"}`` (default zero_shot). Output: one row per input row,
 with an ``error`` column naming any image that could not be read (the other rows are still answered);
 see :func:`clipexp.serving.inference.answer_frame`. An unknown task or a missing column is one line (HTTP 400).
@@ -114,6 +115,7 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
         image_mean=mean, image_std=std,
         max_sequence_length=int(cfg.model.max_sequence_length), temperature=zero_shot_temperature(loss_fn, model),
         batch_size=int(eval_batch_size),
+        serve_file_root=_file_root(cfg.tracking.get("serve_file_root")),
         run={"run_id": getattr(tracker, "run_id", None), "monitor": t.monitor, "best_value": best_value,
              "domain": cfg.domain.name, "model": cfg.model.name, "loss": cfg.loss.name},
     )
@@ -147,6 +149,10 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
     log.info("logged MLflow model runs:/%s/%s (model id %s) in %.1f s (%.1f s of CPU)", tracker.run_id, MODEL_NAME, info.model_id,
              time.perf_counter() - started, time.process_time() - cpu)
     return info.model_id
+
+
+def _file_root(root: Optional[str]) -> Optional[str]:
+    return str(Path(root).expanduser().resolve()) if root else None
 
 
 def model_dir_mean_std(model_dir: Path):
