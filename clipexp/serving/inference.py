@@ -142,8 +142,15 @@ class CLIPInference:
                         batch_size: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
                         prompt_templates: Optional[Sequence[str]] = None, **options: Any) -> "CLIPInference":
         """A ``save_pretrained`` folder (a run's ``model/``). Without ``clipexp_inference.json`` (a hub
-        model) the spec comes from the folder's processor and ``class_names``/``prompt_templates``."""
+        model) the spec comes from the folder's processor and ``class_names``/``prompt_templates``. A folder with
+        a ``SHA256SUMS`` manifest must match it (else :class:`InferenceError` naming the file)."""
         from clipexp.models.loading import load_clip
+        from clipexp.paths import folder_manifest_problem
+
+        problem = folder_manifest_problem(Path(model_dir))  # SHA256SUMS, when the run wrote one
+        if problem:
+            raise InferenceError(f"{problem}; copy the model again (or re-export it from its run's best checkpoint: "
+                                 f"python -m clipexp.training.export <run folder>)")
         spec = InferenceSpec.load(model_dir)
         model, processor = load_clip(str(Path(model_dir).resolve()), None, 224, None)
         if spec is None:

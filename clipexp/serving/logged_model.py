@@ -31,6 +31,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from clipexp.paths import write_folder_manifest
+
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "clip"  # runs:/<run id>/clip
@@ -120,6 +122,7 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
              "domain": cfg.domain.name, "model": cfg.model.name, "loss": cfg.loss.name},
     )
     spec.save(model_dir)
+    write_folder_manifest(model_dir)  # SHA256SUMS: the weights, processor and spec as saved (checked when loaded)
     if test_pairs:
         import csv
 

@@ -181,6 +181,7 @@ def test_the_runs_interpolation_travels_with_the_saved_model(run, tmp_path):
     bare = tmp_path / "model"
     shutil.copytree(model_dir, bare)
     (bare / SPEC_FILE).unlink()
+    (bare / "SHA256SUMS").unlink()  # a hand-made folder: no manifest (an edited folder with one would be refused)
     assert CLIPInference.from_pretrained(bare, device="cpu").spec.image_interpolation == "nearest"
 
 
@@ -279,6 +280,36 @@ def test_unknown_task_and_missing_column_are_one_line(run, pyfunc, tmp_path, cap
     assert "no config.json there or in its model/ folder" in capsys.readouterr().err
 
 
+def test_saved_model_folder_carries_a_manifest_and_a_changed_byte_is_refused(run, tmp_path, capsys):
+    """model/SHA256SUMS lists every file of the saved model (sha256sum format); a flipped byte in the weights or an
+    edited spec is one line naming the file, from the batch tool and from the pyfunc loader alike."""
+    import hashlib
+    import shutil
+    import types
+
+    from clipexp.serving.inference import CLIPInference, InferenceError
+    from clipexp.serving.predict import main
+    from clipexp.serving.pyfunc import CLIPPyfuncModel
+
+    manifest = {line.split("  ")[1]: line.split("  ")[0] for line in (run["out"] / "model" / "SHA256SUMS").read_text().splitlines()}
+    assert {"config.json", "clipexp_inference.json"} <= set(manifest) and len(manifest) >= 4
+    weights = next(n for n in manifest if n.endswith((".safetensors", ".bin")))
+    assert all(hashlib.sha256((run["out"] / "model" / n).read_bytes()).hexdigest() == d for n, d in manifest.items())
+    bad = tmp_path / "model"
+    shutil.copytree(run["out"] / "model", bad)
+    data = bytearray((bad / weights).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bad / weights).write_bytes(bytes(data))
+    expected = f"{bad / weights} does not match its sha256 in {bad / 'SHA256SUMS'}"
+    with pytest.raises(InferenceError, match="^" + expected.replace(".", r"\.")):
+        CLIPInference.from_pretrained(bad, device="cpu")
+    with pytest.raises(InferenceError, match=r"^.*does not match its sha256"):
+        CLIPPyfuncModel().load_context(types.SimpleNamespace(artifacts={"clip": str(bad)}))
+    assert main(["embed", "--model", str(bad), "--images", str(run["csv"]), "--out", str(tmp_path / "e.npy"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "python -m clipexp.training.export" in err[0], err
+
+
 # ------------------------------------------------------------------- served input: bytes, not paths
 def _watch_filesystem(monkeypatch, needles):
     """Every open / stat / exists / realpath / PIL open whose argument mentions one of ``needles``, recorded (and done)."""
@@ -318,6 +349,9 @@ def _served(run, tmp_path, monkeypatch, file_root=None, **env):
     spec = json.loads((model_dir / "clipexp_inference.json").read_text())
     spec["serve_file_root"] = None if file_root is None else str(file_root)
     (model_dir / "clipexp_inference.json").write_text(json.dumps(spec))
+    from clipexp.paths import write_folder_manifest
+
+    write_folder_manifest(model_dir)  # the operator's edit, re-sealed
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
     model = CLIPPyfuncModel()
@@ -512,7 +546,7 @@ def test_mlflow_models_serve_answers_like_in_process(run, pyfunc, tmp_path):
         status, body = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[p] for p in paths]}})
         assert status == 200 and all("is not base64-encoded image data" in r["error"] for r in body["predictions"]), body
         status, body = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[images[0]]] * 9}})
-        assert status == 400 and body["message"].startswith("the request has 9 rows, over this model's limit of 8 rows"), body
+        assert status == 400 and "the request has 9 rows, over this model's limit of 8 rows per request (CLIPEXP_MAX_ROWS)" in body["message"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
