@@ -11,6 +11,7 @@ is not checked.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -19,8 +20,20 @@ from typing import Dict, Optional
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 CHECKSUM_SUFFIX = ".sha256"
 FOLDER_MANIFEST = "SHA256SUMS"
+
+
+def disk_full_error(err: Optional[BaseException]) -> Optional[OSError]:
+    """The ``OSError`` of a full disk (ENOSPC / EDQUOT) in ``err`` or its causes, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def sha256_file(path: Path) -> str:

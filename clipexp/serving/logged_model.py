@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from clipexp.paths import write_folder_manifest
+from clipexp.paths import disk_full_error, write_folder_manifest
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
     the pyfunc model (and register it with ``tracking.register_model``).
 
     Returns the LoggedModel id (None when not logged). A failure to log is reported in one line and
-    leaves the run, its metrics and ``model_dir`` as they are."""
+    leaves the run, its metrics and ``model_dir`` as they are; a full disk (ENOSPC) is raised, for the trainer
+    to keep its checkpoints and say how to finish (:mod:`clipexp.training.finishing`)."""
     from clipexp.serving.inference import InferenceSpec, zero_shot_temperature
 
     t = cfg.trainer
@@ -146,6 +147,8 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
             client.set_model_version_tag(register_as, version, t.monitor, str(best_value))
             log.info("registered %s version %s (%s=%s)", register_as, version, t.monitor, best_value)
     except Exception as err:  # noqa: BLE001 - the run's work is done and kept; say what failed
+        if disk_full_error(err) is not None:  # a full disk: the caller keeps the checkpoints and names the command that finishes
+            raise
         log.error("could not log the MLflow model of run %s (%s: %s); the weights are in %s",
                   tracker.run_id, type(err).__name__, str(err).splitlines()[0] if str(err) else "", model_dir)
         return None
