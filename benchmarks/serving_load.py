@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import serve, test_split  # noqa: E402 - the sibling benchmark: trains the run, starts `mlflow models serve`
+from serving import serve, test_split  # the sibling benchmark: trains the run, starts `mlflow models serve`
 
 LIMITS = {"CLIPEXP_MAX_ROWS": "16", "CLIPEXP_MAX_REQUEST_BYTES": str(2 * 2**20), "CLIPEXP_MAX_IMAGE_BYTES": str(256 * 2**10),
           "CLIPEXP_MAX_IMAGE_PIXELS": "4000000"}

@@ -98,8 +98,7 @@ class ServedSources:
         text = source.strip()
         if text.startswith("data:") and ";base64," in text[:100]:
             text = text.split(",", 1)[1]
-        if any(c.isspace() for c in text[:200]) or "\n" in text:
-            text = "".join(text.split())  # MIME base64 breaks lines
+        text = "".join(text.split())  # MIME base64 breaks lines
         name = f"<base64 image, {len(text)} chars>"
         self._check_size(len(text) * 3 // 4, name)  # before decoding it
         try:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,31 @@ def test_export_of_a_folder_without_checkpoints_is_one_line(tmp_path, capsys):
     assert export_main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("clipexp.training.export: error: ") and "no checkpoint" in err[0], err
+
+
+def test_the_cli_prints_one_line_with_the_finishing_command(run_cli, tmp_path):
+    """``python -m clipexp`` whose disk fills at metrics.json (a startup hook makes that write fail): exit code 1, the
+    last stderr line is the one line with the command, and the command then finishes the run's outputs."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, pathlib\n"
+        "_real = pathlib.Path.write_text\n"
+        "def _write_text(self, data, *a, **k):\n"
+        "    if self.name == 'metrics.json':\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device', str(self))\n"
+        "    return _real(self, data, *a, **k)\n"
+        "pathlib.Path.write_text = _write_text\n")
+    root = Path(__file__).resolve().parents[2]
+    res = run_cli("experiment=smoke", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.run.dir=run",
+                  env={"PYTHONPATH": f"{hook}{os.pathsep}{root}"})
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    run_dir = tmp_path / "run"
+    assert last.startswith("clipexp: error: the disk filled while writing the run's outputs (") and "Traceback" not in res.stderr
+    assert last.endswith(f"with `python -m clipexp.training.export {run_dir}`"), last
+    assert not (run_dir / "metrics.json").exists() and (run_dir / "checkpoints" / "best.pt").is_file()
+    done = subprocess.run([sys.executable, "-m", "clipexp.training.export", str(run_dir)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4 and (run_dir / "model" / "SHA256SUMS").is_file()
