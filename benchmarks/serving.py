@@ -3,7 +3,7 @@
     python benchmarks/serving.py                      # trains a short tiny run first (a temporary store)
     python benchmarks/serving.py --model <run id> --tracking-uri sqlite:////abs/mlflow.db
 
-(a) in process: ``mlflow.pyfunc.load_model(...).predict(df_of_paths, params={"task": "zero_shot"})``;
+(a) in process: ``mlflow.pyfunc.load_model(...).predict(df_of_base64_images, params={"task": "zero_shot"})``;
 (b) served: the same model behind ``mlflow models serve --env-manager local`` on a loopback port, the
 images sent as base64 in JSON requests of ``--request-size`` rows (the payloads are built before the
 clock starts; the time is the HTTP round trips: parsing, decoding, the model, the JSON answer).
@@ -103,7 +103,7 @@ def main() -> None:
     run_id, paths = test_split(tmp, uri, args.model)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/clip")
-    frame = pd.DataFrame({"image": paths})
+    frame = pd.DataFrame({"image": [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]})  # a served model takes bytes
     local_times = timed(lambda: model.predict(frame, params={"task": "zero_shot"}), args.repeats)
     expected = model.predict(frame, params={"task": "zero_shot"})["predicted_class"].tolist()
 

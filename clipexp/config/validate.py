@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -209,6 +210,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError("data.path", None, f"a file or folder path is required for data.source={_get(cfg, 'data.source')}")
     if _get(cfg, "data.source") == "webdataset" and not _get(cfg, "data.urls"):
         raise ConfigError("data.urls", None, "shard paths or a brace pattern are required for data=webdataset, e.g. /data/shards/train-{000000..000009}.tar")
+    root = _get(cfg, "tracking.serve_file_root") if "tracking" in cfg else None
+    if root is not None and not os.path.isdir(os.path.expanduser(str(root))):
+        raise ConfigError("tracking.serve_file_root", root, "null (the served model reads no server files) or an existing folder "
+                                                            "it may read images from")
     _check_robust(cfg)
 
 

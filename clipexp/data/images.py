@@ -21,7 +21,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torchvision.transforms.v2 import InterpolationMode
@@ -104,10 +104,10 @@ def _too_large(pixels: int, path: Union[str, Path]) -> ImageDecodeError:
                                   f"{Image.MAX_IMAGE_PIXELS:,}; set PIL.Image.MAX_IMAGE_PIXELS higher if you trust this file)")
 
 
-def _open(data: bytearray, path: Union[str, Path]):
+def _open(data: bytearray, path: Union[str, Path], max_pixels: Optional[int] = None):
     """PIL's lazy open: the header only. An image over PIL's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``) is refused here, before any decoder allocates it, whichever
-    decoder (torchvision or PIL) would decode it."""
+    (``PIL.Image.MAX_IMAGE_PIXELS``), or over ``max_pixels`` (a served model's own limit), is refused
+    here, before any decoder allocates it, whichever decoder (torchvision or PIL) would decode it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -124,6 +124,9 @@ def _open(data: bytearray, path: Union[str, Path]):
     limit = Image.MAX_IMAGE_PIXELS
     if limit and im.width * im.height > limit:
         raise _too_large(im.width * im.height, path)
+    if max_pixels and im.width * im.height > max_pixels:
+        raise ImageDecodeError(path, f"is {im.width}x{im.height} = {im.width * im.height:,} pixels, over this model's limit of "
+                                     f"{max_pixels:,} pixels per image (CLIPEXP_MAX_IMAGE_PIXELS); send a smaller image")
     return im
 
 
@@ -144,19 +147,20 @@ def _decode_pil(im, path: Union[str, Path]) -> Tensor:
     return TF.pil_to_tensor(im).contiguous()
 
 
-def decode_image_file(path: Union[str, Path]) -> Tensor:
+def decode_image_file(path: Union[str, Path], max_pixels: Optional[int] = None) -> Tensor:
     """Fully decode an image file to a uint8 RGB tensor ``[3, H, W]``, upright (EXIF orientation applied);
     raise :class:`ImageDecodeError`."""
-    return decode_image_bytes(read_bytes(path), path)
+    return decode_image_bytes(read_bytes(path), path, max_pixels)
 
 
-def decode_image_bytes(data: Union[bytes, bytearray], name: Union[str, Path] = "<bytes>") -> Tensor:
-    """:func:`decode_image_file` for an encoded image already in memory (``name`` words the errors)."""
+def decode_image_bytes(data: Union[bytes, bytearray], name: Union[str, Path] = "<bytes>", max_pixels: Optional[int] = None) -> Tensor:
+    """:func:`decode_image_file` for an encoded image already in memory (``name`` words the errors;
+    ``max_pixels``: refuse larger images from their header, before decoding)."""
     path = name
     if not data:
         raise ImageDecodeError(path, "is empty (0 bytes)")
     data = data if isinstance(data, bytearray) else bytearray(data)
-    im = _open(data, path)
+    im = _open(data, path, max_pixels)
     if _sniff(bytes(data[:8])):
         from torchvision.io import ImageReadMode, decode_image
 

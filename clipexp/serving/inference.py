@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -68,6 +68,7 @@ class InferenceSpec:
     max_sequence_length: int = 77
     temperature: float = 0.01
     batch_size: int = 32  # the run's evaluation batch
+    serve_file_root: Optional[str] = None  # tracking.serve_file_root: the one folder a served model may read images from
     run: Dict[str, Any] = field(default_factory=dict)  # provenance: run id, monitor, best value, domain, ...
 
     def save(self, directory: Union[str, Path]) -> Path:
@@ -112,10 +113,15 @@ def decode_source(source: Any) -> Tuple[Any, str]:
 
 
 class CLIPInference:
-    """A CLIP with its run's :class:`InferenceSpec`, on one device, encoding in batches of ``batch_size``."""
+    """A CLIP with its run's :class:`InferenceSpec`, on one device, encoding in batches of ``batch_size``.
+
+    ``read_source``: an image cell -> ``(bytes or Path, name)``; :func:`decode_source` (paths, bytes, base64)
+    for the batch tools, :class:`clipexp.serving.policy.ServedSources` (bytes only) for a served model.
+    ``max_pixels``: images larger than this are refused from their header."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, spec: InferenceSpec, device: str = "auto",
-                 precision: str = "auto", batch_size: Optional[int] = None):
+                 precision: str = "auto", batch_size: Optional[int] = None,
+                 read_source: Callable[[Any], Tuple[Any, str]] = decode_source, max_pixels: Optional[int] = None):
         from clipexp.device import DeviceManager
 
         self.spec = spec
@@ -123,6 +129,7 @@ class CLIPInference:
         self.device = self.devices.device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
+        self.read_source, self.max_pixels = read_source, max_pixels
         self.batch_size = int(batch_size or spec.batch_size or 32)
         r = int(spec.image_resolution)
         self.transform = ImageTransform(augment=False, resolution=r, mean=spec.image_mean, std=spec.image_std, output="uint8",
@@ -133,11 +140,17 @@ class CLIPInference:
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, Path], device: str = "auto", precision: str = "auto",
                         batch_size: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
-                        prompt_templates: Optional[Sequence[str]] = None) -> "CLIPInference":
+                        prompt_templates: Optional[Sequence[str]] = None, **options: Any) -> "CLIPInference":
         """A ``save_pretrained`` folder (a run's ``model/``). Without ``clipexp_inference.json`` (a hub
-        model) the spec comes from the folder's processor and ``class_names``/``prompt_templates``."""
+        model) the spec comes from the folder's processor and ``class_names``/``prompt_templates``. A folder with
+        a ``SHA256SUMS`` manifest must match it (else :class:`InferenceError` naming the file)."""
         from clipexp.models.loading import load_clip
+        from clipexp.paths import folder_manifest_problem
 
+        problem = folder_manifest_problem(Path(model_dir))  # SHA256SUMS, when the run wrote one
+        if problem:
+            raise InferenceError(f"{problem}; copy the model again (or re-export it from its run's best checkpoint: "
+                                 f"python -m clipexp.training.export <run folder>)")
         spec = InferenceSpec.load(model_dir)
         model, processor = load_clip(str(Path(model_dir).resolve()), None, 224, None)
         if spec is None:
@@ -153,13 +166,13 @@ class CLIPInference:
             spec.class_names = list(class_names)
         if prompt_templates:
             spec.prompt_templates = list(prompt_templates)
-        return cls(model, processor.tokenizer, spec, device, precision, batch_size)
+        return cls(model, processor.tokenizer, spec, device, precision, batch_size, **options)
 
     # ------------------------------------------------------------------------------------- images
     def load_image(self, source: Any) -> torch.Tensor:
-        """One image (path, bytes or base64) -> the eval crop, uint8 ``[3, R, R]``; raises ImageDecodeError."""
-        data, name = decode_source(source)
-        decoded = decode_image_file(data) if isinstance(data, Path) else decode_image_bytes(data, name)
+        """One image (path, bytes or base64; see ``read_source``) -> the eval crop, uint8 ``[3, R, R]``; raises ImageDecodeError."""
+        data, name = self.read_source(source)
+        decoded = decode_image_file(data, self.max_pixels) if isinstance(data, Path) else decode_image_bytes(data, name, self.max_pixels)
         return self.transform(channels_last(resize_shorter(decoded, self.transform.resolution, self.transform.interpolation)))
 
     def load_images(self, sources: Sequence[Any]) -> Tuple[List[Optional[torch.Tensor]], List[Optional[str]]]:
@@ -250,7 +263,7 @@ def _column(frame: Any, name: str) -> Optional[List[Any]]:
 
 
 def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot"):
-    """A request DataFrame (``image``: path or base64 bytes; ``text``) -> one answer row per input row.
+    """A request DataFrame (``image``: what ``inference.read_source`` reads; ``text``) -> one answer row per input row.
 
     * ``zero_shot`` (needs ``image``): ``predicted_class``, ``probability``, ``probabilities`` ({class: p});
     * ``embed`` (``image`` and/or ``text``): ``image_embedding`` / ``text_embedding`` (L2-normalised lists);
@@ -268,7 +281,7 @@ def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot"):
             "similarity": images is not None and texts is not None}[task]
     if not need:
         what = {"zero_shot": "an 'image' column", "embed": "an 'image' or a 'text' column", "similarity": "an 'image' and a 'text' column"}[task]
-        raise InferenceError(f"task {task} needs {what} (file paths or base64 image bytes; texts); got columns {list(frame.columns)}")
+        raise InferenceError(f"task {task} needs {what} (images as base64 bytes; texts); got columns {list(frame.columns)}")
     n = len(frame)
     out: Dict[str, List[Any]] = {}
     errors: List[Optional[str]] = [None] * n

@@ -7,7 +7,8 @@ neither a clipexp install nor its config), a signature and an input example, and
 requirements (no slow requirement inference). ``tracking.register_model=NAME`` registers it as a new
 version of ``NAME``, tagged with the monitored metric and its best value.
 
-Input: a DataFrame with ``image`` (a file path or base64-encoded image bytes) and/or ``text``; ``params``
+Input: a DataFrame with ``image`` (base64-encoded image bytes: a served model opens no path it is sent, unless
+``tracking.serve_file_root`` named a folder; see :mod:`clipexp.serving.policy`) and/or ``text``; ``params``
 ``{"task": "zero_shot" | "embed" | "similarity"}`` (default zero_shot). Output: one row per input row,
 with an ``error`` column naming any image that could not be read (the other rows are still answered);
 see :func:`clipexp.serving.inference.answer_frame`. An unknown task or a missing column is one line (HTTP 400).
@@ -29,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
+
+from clipexp.paths import disk_full_error, write_folder_manifest
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,8 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
     the pyfunc model (and register it with ``tracking.register_model``).
 
     Returns the LoggedModel id (None when not logged). A failure to log is reported in one line and
-    leaves the run, its metrics and ``model_dir`` as they are."""
+    leaves the run, its metrics and ``model_dir`` as they are; a full disk (ENOSPC) is raised, for the trainer
+    to keep its checkpoints and say how to finish (:mod:`clipexp.training.finishing`)."""
     from clipexp.serving.inference import InferenceSpec, zero_shot_temperature
 
     t = cfg.trainer
@@ -114,10 +118,12 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
         image_mean=mean, image_std=std,
         max_sequence_length=int(cfg.model.max_sequence_length), temperature=zero_shot_temperature(loss_fn, model),
         batch_size=int(eval_batch_size),
+        serve_file_root=_file_root(cfg.tracking.get("serve_file_root")),
         run={"run_id": getattr(tracker, "run_id", None), "monitor": t.monitor, "best_value": best_value,
              "domain": cfg.domain.name, "model": cfg.model.name, "loss": cfg.loss.name},
     )
     spec.save(model_dir)
+    write_folder_manifest(model_dir)  # SHA256SUMS: the weights, processor and spec as saved (checked when loaded)
     if test_pairs:
         import csv
 
@@ -141,12 +147,18 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
             client.set_model_version_tag(register_as, version, t.monitor, str(best_value))
             log.info("registered %s version %s (%s=%s)", register_as, version, t.monitor, best_value)
     except Exception as err:  # noqa: BLE001 - the run's work is done and kept; say what failed
+        if disk_full_error(err) is not None:  # a full disk: the caller keeps the checkpoints and names the command that finishes
+            raise
         log.error("could not log the MLflow model of run %s (%s: %s); the weights are in %s",
                   tracker.run_id, type(err).__name__, str(err).splitlines()[0] if str(err) else "", model_dir)
         return None
     log.info("logged MLflow model runs:/%s/%s (model id %s) in %.1f s (%.1f s of CPU)", tracker.run_id, MODEL_NAME, info.model_id,
              time.perf_counter() - started, time.process_time() - cpu)
     return info.model_id
+
+
+def _file_root(root: Optional[str]) -> Optional[str]:
+    return str(Path(root).expanduser().resolve()) if root else None
 
 
 def model_dir_mean_std(model_dir: Path):

@@ -12,14 +12,20 @@ ARTIFACT = "clip"  # the save_pretrained folder (+ clipexp_inference.json) among
 
 class CLIPPyfuncModel(mlflow.pyfunc.PythonModel):
     """``predict(df, params={"task": ...})`` over :class:`clipexp.serving.inference.CLIPInference`.
-    ``CLIPEXP_DEVICE`` (default auto) and ``CLIPEXP_BATCH_SIZE`` choose where and how it encodes."""
+    ``CLIPEXP_DEVICE`` (default auto) and ``CLIPEXP_BATCH_SIZE`` choose where and how it encodes; images are
+    bytes (base64), never server paths, within the limits of :mod:`clipexp.serving.policy` (``CLIPEXP_MAX_*``)."""
 
     def load_context(self, context) -> None:
-        from clipexp.serving.inference import CLIPInference
+        from clipexp.serving.inference import CLIPInference, InferenceSpec
+        from clipexp.serving.policy import ServedSources, ServeLimits
 
         batch = os.environ.get("CLIPEXP_BATCH_SIZE")
+        limits = ServeLimits.from_env()
+        spec = InferenceSpec.load(context.artifacts[ARTIFACT])
+        self.sources = ServedSources(limits, file_root=spec.serve_file_root if spec is not None else None)
         self.inference = CLIPInference.from_pretrained(context.artifacts[ARTIFACT], device=os.environ.get("CLIPEXP_DEVICE", "auto"),
-                                                       batch_size=int(batch) if batch else None)
+                                                       batch_size=int(batch) if batch else None, read_source=self.sources,
+                                                       max_pixels=limits.max_image_pixels)
 
     def predict(self, context, model_input, params: Optional[Dict[str, Any]] = None):
         from mlflow.exceptions import MlflowException
@@ -28,6 +34,7 @@ class CLIPPyfuncModel(mlflow.pyfunc.PythonModel):
         from clipexp.serving.inference import InferenceError, answer_frame
 
         try:
+            self.sources.check_request(model_input)
             return answer_frame(self.inference, model_input, (params or {}).get("task") or "zero_shot")
         except InferenceError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None

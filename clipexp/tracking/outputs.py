@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from clipexp.models.clip import count_parameters
+from clipexp.paths import write_folder_manifest
 from clipexp.tracking import plots
 from clipexp.tracking.tracker import flatten, git_commit, make_tracker, overrides_run_name
 
@@ -93,7 +94,8 @@ def write_plots(plot_dir: Path, result: Optional[Dict[str, Any]], dataset, split
 
 def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, processor, tracker, hydra_dir: Optional[Path],
                   publish: Optional[Callable[[Path], None]] = None) -> None:
-    """``metrics.json`` (``summary``), ``config.yaml`` (resolved), ``model/`` (save_pretrained), and the
+    """``metrics.json`` (``summary``), ``config.yaml`` (resolved), ``model/`` (save_pretrained, with its sha256
+    manifest ``SHA256SUMS``), and the
     artifacts: those, ``.hydra/`` and ``plots/`` (written before). ``publish(model_dir)`` runs once
     ``model/`` is saved and before it is logged (the serving spec and the pyfunc model)."""
     metrics_path = output_dir / "metrics.json"
@@ -104,7 +106,9 @@ def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, pr
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
     if publish is not None:
-        publish(model_dir)
+        publish(model_dir)  # (it writes the folder's SHA256SUMS once the spec is in)
+    else:
+        write_folder_manifest(model_dir)
 
     tracker.log_artifact(config_path)
     tracker.log_artifact(metrics_path)

@@ -23,6 +23,9 @@ What goes wrong, and what happens (README "What survives what"):
   unpickling could run code) is refused in one line naming it, before anything in it is built. A
   checkpoint of an older clipexp (numpy arrays inside) gets one line with the command that converts it
   (:func:`upgrade`, which allows numpy's array types and nothing else).
+* Every checkpoint has a sha256 manifest beside it (``step_NNNNNNN.pt.sha256``, ``best.pt.sha256``), written
+  with it; a file whose bytes no longer match (a flipped bit inside an intact zip) is damaged, as below.
+  A checkpoint of an older clipexp, without a manifest, loads unchecked.
 * A truncated or corrupt newest checkpoint: ``trainer.resume=latest`` names it in one warning and takes
   the newest readable one before it; a damaged file named explicitly, or no readable file at all, is
   one line saying which files and what to do. Never a silent fresh start.
@@ -50,6 +53,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clipexp.errors import ConfigError
+from clipexp.paths import checksum_path, checksum_problem, sha256_file, write_checksum
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +182,11 @@ def atomic_save(obj: Any, path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
+        digest = sha256_file(tmp)
+        # the old manifest goes first: a crash before the new one is written leaves an unchecked file, never a false mismatch
+        checksum_path(path).unlink(missing_ok=True)
         os.replace(tmp, path)
+        write_checksum(path, digest)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(_write_failure(path, err)) from None
@@ -202,6 +210,7 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` ``step_*.pt`` (``best.pt`` is never touched)."""
     for old in sorted(Path(ckpt_dir).glob(STEP_GLOB))[:-keep_last]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any], keep_last: Optional[int] = None) -> Path:
@@ -223,7 +232,10 @@ def adopt_best(resumed_from: Path, ckpt_dir: Path) -> None:
     best = Path(resumed_from).parent / BEST
     if best.is_file() and best.parent != Path(ckpt_dir):
         Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        checksum_path(Path(ckpt_dir) / BEST).unlink(missing_ok=True)
         (Path(ckpt_dir) / BEST).write_bytes(best.read_bytes())
+        if checksum_path(best).is_file():
+            checksum_path(Path(ckpt_dir) / BEST).write_bytes(checksum_path(best).read_bytes())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,9 +249,15 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     ``torch.load(weights_only=True)``: tensors and plain containers only, so no object in the file is
     ever built. Raises :class:`CheckpointError` (one line) for a file holding anything else (an older
     clipexp's numpy arrays: with the command that converts it) and :class:`DamagedCheckpoint` for a
-    file that is truncated or corrupt.
+    file that is truncated or corrupt, or differs from its sha256 manifest (checked first, when there is one).
     """
     path = Path(path)
+    try:
+        mismatch = checksum_problem(path) if path.is_file() else None
+    except OSError as err:
+        raise DamagedCheckpoint(path, err) from None
+    if mismatch:
+        raise DamagedCheckpoint(path, ValueError(mismatch))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

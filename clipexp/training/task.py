@@ -2,7 +2,8 @@
 
 ``run(cfg)`` builds a :class:`clipexp.training.trainer.Trainer`, trains, prints the summary table, and turns
 what can go wrong into what a user reads: one line and exit code 2 for a user error (1 for a
-non-finite loss, 130 for Ctrl-C / SIGTERM after a checkpoint), NaN and a FAILED run for a failing
+non-finite loss or a disk that filled while the outputs were written, with the command that finishes
+them; 130 for Ctrl-C / SIGTERM after a checkpoint), NaN and a FAILED run for a failing
 job of a sweep, and under torchrun one line naming the rank that failed (:func:`_stop_rank`).
 """
 
@@ -26,6 +27,7 @@ from clipexp.models.clip import ModelLoadError
 from clipexp.tracking.outputs import summary_table
 from clipexp.training import distributed
 from clipexp.training.checkpoint import CheckpointWriteError
+from clipexp.training.finishing import ExportWriteError
 from clipexp.training.oom import BatchTooLargeError
 from clipexp.training.robust import wise_ft_table
 from clipexp.training.trainer import NonFiniteLossError, Trainer
@@ -58,7 +60,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     trainer = Trainer(cfg, output_dir, list(hc.overrides.task), hydra_dir, tags=tags)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     user_errors = (ConfigError, DeviceError, ModelLoadError, DataValidationError, NonFiniteLossError, BatchTooLargeError,
-                   CheckpointWriteError)
+                   CheckpointWriteError, ExportWriteError)
     try:
         trainer.setup()
         results = trainer.train()
@@ -79,7 +81,7 @@ def run(cfg: DictConfig) -> Optional[float]:
             return float("nan")
         if expected:
             print(f"clipexp: error: {err}", file=sys.stderr)
-            sys.exit(EXIT_FAILED if isinstance(err, NonFiniteLossError) else EXIT_USAGE)
+            sys.exit(EXIT_FAILED if isinstance(err, (NonFiniteLossError, ExportWriteError)) else EXIT_USAGE)
         raise
     except BaseException:
         trainer.cleanup("FAILED")

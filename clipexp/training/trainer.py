@@ -28,13 +28,13 @@ from clipexp.evaluate import Evaluator
 from clipexp.losses import build_loss
 from clipexp.losses.distributed import gather_with_grad
 from clipexp.models.training import DualEncoder, build_training_model, quiet_transformers
-from clipexp.serving.logged_model import publish_model
-from clipexp.tracking.outputs import derived_params, run_tags, start_tracking, write_outputs, write_plots
+from clipexp.tracking.outputs import derived_params, run_tags, start_tracking
 from clipexp.training import checkpoint, distributed
 from clipexp.training.batch_size import train_batch_size
 from clipexp.training.data import (DeviceBatches, EpochSampler, build_data, build_eval_data, build_train_loader, stop_workers,
                                     text_has_dropout)
 from clipexp.training.distributed import DistContext
+from clipexp.training.finishing import write_run_outputs
 from clipexp.training.gradcache import exact_accumulation_step
 from clipexp.training.oom import OOMRecovery, is_oom, split_batch
 from clipexp.training.optim import build_optimizer, build_temperature_schedule, lr_at, set_lr, trainable_parameters
@@ -404,21 +404,8 @@ class Trainer:
         if result is not None and split == "test":
             self._log(result["metrics"])
             self.results["test"] = dict(result["metrics"])
-        if not self.dist.is_main:
-            return
-        write_plots(self.output_dir / "plots", result, getattr(self.data, split) if split else None, split, self.data.class_names,
-                    self.history)
-        if wise is not None:
-            self.robust.plot_wise_ft(wise, self.output_dir / "plots" / "wise_ft.png", self.extra_eval[0] if self.extra_eval else None)
-        summary = {**self.results, "monitor": self.cfg.trainer.monitor, "best_value": self.best_value,
-                   "best_step": self.best_step, "steps": self.step}
-
-        def publish(model_dir: Path) -> None:  # clipexp_inference.json, test_split.csv, the pyfunc model (clipexp.serving.logged_model)
-            publish_model(self.tracker, model_dir, self.cfg, class_names=self.data.class_names, loss_fn=self.loss_fn, model=self.model,
-                          step=self.step, best_value=self.best_value, eval_batch_size=self.eval_batch_size,
-                          test_pairs=getattr(self.data.test, "pairs", None))
-
-        write_outputs(self.output_dir, self.cfg, summary, self.model, self.processor, self.tracker, self.hydra_dir, publish=publish)
+        if self.dist.is_main:  # plots, metrics.json, model/, the MLflow model; a full disk keeps the checkpoints (finishing.py)
+            write_run_outputs(self, result, split, wise)
 
     def _log(self, metrics: Dict[str, float]) -> None:
         for k, v in metrics.items():

@@ -120,8 +120,8 @@ def test_fresh_process_round_trip_equals_trainer_encoder(run):
         "import json, sys, mlflow, pandas as pd, numpy as np\n"
         f"m = mlflow.pyfunc.load_model('runs:/{run['run_id']}/clip')\n"
         "import clipexp\n"
-        "paths, texts = json.loads(sys.stdin.read())\n"
-        "df = pd.DataFrame({'image': paths, 'text': texts})\n"
+        "images, texts = json.loads(sys.stdin.read())\n"
+        "df = pd.DataFrame({'image': images, 'text': texts})\n"
         "out = m.predict(df, params={'task': 'embed'})\n"
         "np.save('img.npy', np.array(out['image_embedding'].tolist(), dtype=np.float32))\n"
         "np.save('txt.npy', np.array(out['text_embedding'].tolist(), dtype=np.float32))\n"
@@ -129,7 +129,7 @@ def test_fresh_process_round_trip_equals_trainer_encoder(run):
     )
     cwd = run["tmp"] / "fresh"
     cwd.mkdir()
-    res = subprocess.run([sys.executable, "-c", script], cwd=cwd, input=json.dumps([run["paths"], run["captions"]]),
+    res = subprocess.run([sys.executable, "-c", script], cwd=cwd, input=json.dumps([[_b64(p) for p in run["paths"]], run["captions"]]),
                          env=_env(MLFLOW_TRACKING_URI=run["uri"]), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "/code/clipexp/" in res.stdout  # imported from the model's own code copy
@@ -142,14 +142,15 @@ def test_fresh_process_round_trip_equals_trainer_encoder(run):
 def test_pyfunc_zero_shot_and_similarity_match_the_trainer(run, pyfunc):
     import pandas as pd
 
-    df = pd.DataFrame({"image": [run["paths"][0], _b64(run["paths"][1])] + run["paths"][2:], "text": None})
+    df = pd.DataFrame({"image": [_b64(p) for p in run["paths"]], "text": None})
     out = pyfunc.predict(df, params={"task": "zero_shot"})
     assert out["predicted_class"].tolist() == run["predicted"] and out["error"].isna().all()
     probs = out["probabilities"][0]
     assert list(probs) == run["class_names"] and sum(probs.values()) == pytest.approx(1.0, rel=1e-6)
 
     texts = run["captions"][:3]
-    sim = pyfunc.predict(pd.DataFrame({"image": run["paths"][:2] + [None], "text": [None, *texts[:2]]}), params={"task": "similarity"})
+    sim = pyfunc.predict(pd.DataFrame({"image": [_b64(p) for p in run["paths"][:2]] + [None], "text": [None, *texts[:2]]}),
+                         params={"task": "similarity"})
     scores = torch.tensor(sim["scores"][:2].tolist())
     expected = run["image"][:2] @ torch.stack([run["text"][0], run["text"][1]]).T  # the texts given: captions 0 and 1
     _close(scores, expected)
@@ -180,6 +181,7 @@ def test_the_runs_interpolation_travels_with_the_saved_model(run, tmp_path):
     bare = tmp_path / "model"
     shutil.copytree(model_dir, bare)
     (bare / SPEC_FILE).unlink()
+    (bare / "SHA256SUMS").unlink()  # a hand-made folder: no manifest (an edited folder with one would be refused)
     assert CLIPInference.from_pretrained(bare, device="cpu").spec.image_interpolation == "nearest"
 
 
@@ -245,12 +247,12 @@ def test_unreadable_image_is_reported_on_its_row(run, pyfunc, tmp_path):
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(Path(run["paths"][0]).read_bytes()[:300])  # a truncated JPEG
-    missing = str(tmp_path / "gone.jpg")
-    df = pd.DataFrame({"image": [run["paths"][0], str(bad), missing, run["paths"][1]]})
+    df = pd.DataFrame({"image": [_b64(run["paths"][0]), _b64(bad), "not base64!", _b64(run["paths"][1])]})
     out = pyfunc.predict(df, params={"task": "zero_shot"})
     assert out["predicted_class"][[0, 3]].tolist() == run["predicted"][:2]
-    assert out["error"][1].startswith(f"image '{bad}' is truncated or corrupt") and out["predicted_class"][1] is None
-    assert out["error"][2] == f"image '{missing}' not found" and out["predicted_class"][2] is None
+    assert out["error"][1].startswith(f"image '<base64 image, {len(_b64(bad))} chars>' is truncated or corrupt")
+    assert out["predicted_class"][1] is None
+    assert out["error"][2].startswith("image 'not base64!' is not base64-encoded image data") and out["predicted_class"][2] is None
 
     listing = tmp_path / "images.csv"
     listing.write_text(f"image_path\n{run['paths'][0]}\nbroken.jpg\n")
@@ -266,9 +268,9 @@ def test_unknown_task_and_missing_column_are_one_line(run, pyfunc, tmp_path, cap
     from clipexp.serving.predict import main
 
     with pytest.raises(MlflowException, match=r"^unknown task 'classify': use one of zero_shot, embed, similarity"):
-        pyfunc.predict(pd.DataFrame({"image": run["paths"][:1]}), params={"task": "classify"})
+        pyfunc.predict(pd.DataFrame({"image": [_b64(run["paths"][0])]}), params={"task": "classify"})
     with pytest.raises(MlflowException, match=r"^task similarity needs an 'image' and a 'text' column"):
-        pyfunc.predict(pd.DataFrame({"image": run["paths"][:1]}), params={"task": "similarity"})
+        pyfunc.predict(pd.DataFrame({"image": [_b64(run["paths"][0])]}), params={"task": "similarity"})
     listing = tmp_path / "images.csv"
     listing.write_text("file\nx.jpg\n")
     assert main(["zero_shot", "--model", str(run["out"]), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 2
@@ -276,6 +278,210 @@ def test_unknown_task_and_missing_column_are_one_line(run, pyfunc, tmp_path, cap
     assert err[-1] == f"clipexp.serving.predict: error: --images {listing}: no column 'image_path' (columns: file); set --image-column"
     assert main(["zero_shot", "--model", str(tmp_path), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 2
     assert "no config.json there or in its model/ folder" in capsys.readouterr().err
+
+
+def test_saved_model_folder_carries_a_manifest_and_a_changed_byte_is_refused(run, tmp_path, capsys):
+    """model/SHA256SUMS lists every file of the saved model (sha256sum format); a flipped byte in the weights or an
+    edited spec is one line naming the file, from the batch tool and from the pyfunc loader alike."""
+    import hashlib
+    import shutil
+    import types
+
+    from clipexp.serving.inference import CLIPInference, InferenceError
+    from clipexp.serving.predict import main
+    from clipexp.serving.pyfunc import CLIPPyfuncModel
+
+    manifest = {line.split("  ")[1]: line.split("  ")[0] for line in (run["out"] / "model" / "SHA256SUMS").read_text().splitlines()}
+    assert {"config.json", "clipexp_inference.json"} <= set(manifest) and len(manifest) >= 4
+    weights = next(n for n in manifest if n.endswith((".safetensors", ".bin")))
+    assert all(hashlib.sha256((run["out"] / "model" / n).read_bytes()).hexdigest() == d for n, d in manifest.items())
+    bad = tmp_path / "model"
+    shutil.copytree(run["out"] / "model", bad)
+    data = bytearray((bad / weights).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bad / weights).write_bytes(bytes(data))
+    expected = f"{bad / weights} does not match its sha256 in {bad / 'SHA256SUMS'}"
+    with pytest.raises(InferenceError, match="^" + expected.replace(".", r"\.")):
+        CLIPInference.from_pretrained(bad, device="cpu")
+    with pytest.raises(InferenceError, match=r"^.*does not match its sha256"):
+        CLIPPyfuncModel().load_context(types.SimpleNamespace(artifacts={"clip": str(bad)}))
+    assert main(["embed", "--model", str(bad), "--images", str(run["csv"]), "--out", str(tmp_path / "e.npy"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "python -m clipexp.training.export" in err[0], err
+
+
+# ------------------------------------------------------------------- served input: bytes, not paths
+def _watch_filesystem(monkeypatch, needles):
+    """Every open / stat / exists / realpath / PIL open whose argument mentions one of ``needles``, recorded (and done)."""
+    import builtins
+    import io
+
+    from PIL import Image
+
+    calls = []
+
+    def watch(owner, name):
+        real = getattr(owner, name)
+
+        def watched(*args, **kwargs):
+            if any(n in str(a) for a in args for n in needles):
+                calls.append(f"{name}({args[0]!r})")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, watched)
+
+    for owner, name in ((builtins, "open"), (io, "open"), (os, "open"), (os, "stat"), (os, "lstat"), (os, "access"),
+                        (os, "listdir"), (os.path, "exists"), (os.path, "isfile"), (os.path, "realpath"), (Image, "open")):
+        watch(owner, name)
+    return calls
+
+
+def _served(run, tmp_path, monkeypatch, file_root=None, **env):
+    """The pyfunc class as MLflow's loader runs it, on a copy of the run's model (spec: ``file_root``), ``env`` set."""
+    import shutil
+    import types
+
+    from clipexp.serving.pyfunc import CLIPPyfuncModel
+
+    model_dir = tmp_path / "served_model"
+    if not model_dir.exists():
+        shutil.copytree(run["out"] / "model", model_dir)
+    spec = json.loads((model_dir / "clipexp_inference.json").read_text())
+    spec["serve_file_root"] = None if file_root is None else str(file_root)
+    (model_dir / "clipexp_inference.json").write_text(json.dumps(spec))
+    from clipexp.paths import write_folder_manifest
+
+    write_folder_manifest(model_dir)  # the operator's edit, re-sealed
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    model = CLIPPyfuncModel()
+    model.load_context(types.SimpleNamespace(artifacts={"clip": str(model_dir)}))
+    return model
+
+
+def test_served_model_refuses_paths_without_touching_the_filesystem(run, pyfunc, tmp_path, monkeypatch):
+    """A file path, ``../`` and absolute paths sent to the served model are row errors saying it takes image bytes;
+    not one of them is opened, stat'ed or checked for existence (the secret is a real image beside the server)."""
+    import pandas as pd
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(Path(run["paths"][0]).read_bytes())
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # where a relative path would be read from
+    sent = [str(secret), "../secret.png", "../../../../../../etc/hostname", "/etc/hostname", "~/secret.png", "secret.png",
+            f"file://{secret}"]
+    calls = _watch_filesystem(monkeypatch, ["secret", "etc/hostname"])
+    out = pyfunc.predict(pd.DataFrame({"image": sent + [_b64(run["paths"][1])]}), params={"task": "zero_shot"})
+    monkeypatch.undo()
+    assert calls == []
+    for i, text in enumerate(sent):
+        assert out["error"][i] == f"image '{text}' is not base64-encoded image data: a served model takes each image's bytes, " \
+            "base64-encoded, never a file path (it reads no file on the server unless its operator logged it with " \
+            "tracking.serve_file_root)", out["error"][i]
+        assert out["predicted_class"][i] is None
+    assert out["error"][len(sent)] is None and out["predicted_class"][len(sent)] == run["predicted"][1]
+
+
+def test_base64_image_gets_the_answer_predict_gives(run, pyfunc, tmp_path):
+    """The same images as base64 to the served model and as files to ``python -m clipexp.serving.predict``: the same
+    embeddings and classes (also as a data URI and with MIME line breaks)."""
+    import textwrap
+
+    import pandas as pd
+
+    from clipexp.serving.predict import load_embeddings, main
+
+    emb, preds = tmp_path / "emb.npy", tmp_path / "preds.csv"
+    assert main(["embed", "--model", str(run["out"]), "--images", str(run["csv"]), "--out", str(emb), "--no-progress"]) == 0
+    assert main(["zero_shot", "--model", str(run["out"]), "--images", str(run["csv"]), "--out", str(preds), "--no-progress"]) == 0
+    _, vectors = load_embeddings(emb)
+    images = [_b64(p) for p in run["paths"]]
+    images[0] = "data:image/png;base64," + images[0]
+    images[1] = "\n".join(textwrap.wrap(images[1], 76))
+    out = pyfunc.predict(pd.DataFrame({"image": images}), params={"task": "embed"})
+    assert out["error"].isna().all()
+    _close(torch.tensor(out["image_embedding"].tolist()), vectors)
+    zs = pyfunc.predict(pd.DataFrame({"image": images}), params={"task": "zero_shot"})
+    assert zs["predicted_class"].tolist() == pd.read_csv(preds)["predicted_class"].tolist()
+
+
+def test_serve_file_root_reads_only_under_it(run, tmp_path, monkeypatch):
+    """tracking.serve_file_root, named at logging time, goes into the model's spec; the served model then reads
+    relative paths under it and refuses absolute paths, ``..`` and symbolic links without touching what is outside."""
+    import types
+
+    import pandas as pd
+
+    from clipexp.cli.train import compose_and_validate
+    from clipexp.errors import ConfigError
+    from clipexp.serving.inference import CLIPInference, InferenceSpec
+    from clipexp.serving.logged_model import publish_model
+
+    root, outside = tmp_path / "root", tmp_path / "outside.png"
+    (root / "cells").mkdir(parents=True)
+    (root / "cells" / "a.png").write_bytes(Path(run["paths"][2]).read_bytes())
+    outside.write_bytes(Path(run["paths"][3]).read_bytes())
+    (root / "link.png").symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"^tracking.serve_file_root=.*is invalid.*an existing folder"):
+        compose_and_validate(["experiment=smoke", f"tracking.serve_file_root={tmp_path / 'nowhere'}"])
+    model_dir = tmp_path / "served_model"
+    import shutil
+
+    shutil.copytree(run["out"] / "model", model_dir)
+    cfg = compose_and_validate(["experiment=smoke", f"tracking.serve_file_root={root}"])
+    publish_model(types.SimpleNamespace(enabled=False, run_id=None), model_dir, cfg, class_names=run["class_names"], loss_fn=None,
+                  model=CLIPInference.from_pretrained(model_dir, device="cpu").model, step=4, best_value=None, eval_batch_size=8)
+    assert InferenceSpec.load(model_dir).serve_file_root == str(root.resolve())
+    served = _served(run, tmp_path, monkeypatch, file_root=root)
+    sent = ["cells/a.png", "./cells/a.png", str(root / "cells" / "a.png"), "../outside.png", "cells/../../outside.png",
+            "link.png", "missing.png", "cells"]
+    calls = _watch_filesystem(monkeypatch, ["outside"])
+    out = served.predict(None, pd.DataFrame({"image": sent}), params={"task": "zero_shot"})
+    monkeypatch.undo()
+    assert calls == []
+    assert out["predicted_class"][:2].tolist() == [run["predicted"][2]] * 2 and out["error"][:2].isna().all()
+    reasons = ["is an absolute path", "leaves the model's serve_file_root ('..')", "leaves the model's serve_file_root ('..')",
+               "goes through a symbolic link", "not found under the model's serve_file_root", "is not a file under"]
+    for text, error, reason in zip(sent[2:], out["error"][2:], reasons):
+        assert error.startswith(f"image '{text}' {reason}"), error
+
+
+def test_request_limits_each_give_their_error(run, tmp_path, monkeypatch):
+    """Rows and total size refuse the request (HTTP 400) in one line; bytes and pixels of one image are that row's
+    error; each names its limit and variable. A bad variable is one line when the model loads."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from clipexp.serving.inference import InferenceError
+
+    def png(image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    noisy = png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)))  # ~77 KB
+    huge = png(Image.new("RGB", (1200, 1000), (10, 20, 30)))  # 1.2 MP, a few KB
+    good = _b64(run["paths"][0])
+    served = _served(run, tmp_path, monkeypatch, CLIPEXP_MAX_ROWS=3, CLIPEXP_MAX_REQUEST_BYTES=200_000,
+                     CLIPEXP_MAX_IMAGE_BYTES=50_000, CLIPEXP_MAX_IMAGE_PIXELS=1_000_000)
+    with pytest.raises(MlflowException, match=r"^the request has 4 rows, over this model's limit of 3 rows per request "
+                                              r"\(CLIPEXP_MAX_ROWS\): send them in several requests$"):
+        served.predict(None, pd.DataFrame({"image": [good] * 4}))
+    with pytest.raises(MlflowException, match=rf"^the request holds {3 * len(noisy):,} bytes of images and texts, over this "
+                                              r"model's limit of 200,000 bytes per request \(CLIPEXP_MAX_REQUEST_BYTES\)"):
+        served.predict(None, pd.DataFrame({"image": [noisy] * 3}))
+    out = served.predict(None, pd.DataFrame({"image": [noisy, huge, good]}), params={"task": "zero_shot"})
+    assert out["error"][0] == f"image '<base64 image, {len(noisy)} chars>' is {len(noisy) * 3 // 4:,} bytes, over this model's " \
+        "limit of 50,000 bytes per image (CLIPEXP_MAX_IMAGE_BYTES); send a smaller image"
+    assert out["error"][1] == f"image '<base64 image, {len(huge)} chars>' is 1200x1000 = 1,200,000 pixels, over this model's " \
+        "limit of 1,000,000 pixels per image (CLIPEXP_MAX_IMAGE_PIXELS); send a smaller image"
+    assert out["error"][2] is None and out["predicted_class"][2] == run["predicted"][0]
+    with pytest.raises(InferenceError, match=r"^CLIPEXP_MAX_ROWS='lots' is not a whole number > 0"):
+        _served(run, tmp_path, monkeypatch, CLIPEXP_MAX_ROWS="lots")
 
 
 # -------------------------------------------------------------------------------------- serving
@@ -302,7 +508,7 @@ def test_mlflow_models_serve_answers_like_in_process(run, pyfunc, tmp_path):
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run['run_id']}/clip", "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=_env(MLFLOW_TRACKING_URI=run["uri"]),
+                               "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=_env(MLFLOW_TRACKING_URI=run["uri"], CLIPEXP_MAX_ROWS="8"),
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -336,6 +542,11 @@ def test_mlflow_models_serve_answers_like_in_process(run, pyfunc, tmp_path):
                 _close(torch.tensor([r["scores"] for r in served[:3]]), torch.tensor(local["scores"][:3].tolist()))
         status, body = _post(port, {"dataframe_split": split, "params": {"task": "classify"}})
         assert status == 400 and "unknown task 'classify'" in body["message"] and "stack_trace" not in body
+        paths = ["../../../../etc/hostname", "/etc/hostname", run["paths"][0]]  # over HTTP too: bytes only, no server file read
+        status, body = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[p] for p in paths]}})
+        assert status == 200 and all("is not base64-encoded image data" in r["error"] for r in body["predictions"]), body
+        status, body = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[images[0]]] * 9}})
+        assert status == 400 and "the request has 9 rows, over this model's limit of 8 rows per request (CLIPEXP_MAX_ROWS)" in body["message"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -41,7 +41,8 @@ def test_save_keeps_the_last_k_steps_and_never_the_temp_file_or_best(tmp_path):
     checkpoint.save_best(ckpt, {"w": torch.ones(1)}, {}, step=1, monitor="val/loss", value=0.5)
     for step in (1, 2, 3, 4):
         checkpoint.save_checkpoint(checkpoint.step_path(ckpt, step), {"step": step}, keep_last=2)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "step_0000003.pt", "step_0000004.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "best.pt.sha256", "step_0000003.pt", "step_0000003.pt.sha256",
+                                                      "step_0000004.pt", "step_0000004.pt.sha256"]  # pruned with their manifests
     best = checkpoint.load_checkpoint(ckpt / checkpoint.BEST)
     assert (best["step"], best["monitor"], best["value"], best["model"]["w"].tolist()) == (1, "val/loss", 0.5, [1.0])
 
@@ -77,7 +78,7 @@ def test_resuming_another_runs_checkpoint_adopts_its_best(tmp_path):
     checkpoint.adopt_best(checkpoint.step_path(other, 6), this)
     assert checkpoint.load_checkpoint(this / checkpoint.BEST)["step"] == 5
     checkpoint.adopt_best(checkpoint.step_path(this, 6), this)  # its own folder: nothing to copy
-    assert sorted(p.name for p in this.iterdir()) == ["best.pt"]
+    assert sorted(p.name for p in this.iterdir()) == ["best.pt", "best.pt.sha256"]  # copied with its manifest
 
 
 def test_a_trainers_checkpoint_is_plain_types_and_tensors_and_resumes_its_position(tmp_path):
@@ -89,7 +90,7 @@ def test_a_trainers_checkpoint_is_plain_types_and_tensors_and_resumes_its_positi
     cfg = compose_and_validate(["experiment=smoke", "tracking.enabled=false", "data.num_workers=0", "trainer.eval_at_start=false",
                                 "trainer.max_steps=2", "trainer.save_steps=1", "trainer.eval_steps=2", "trainer.keep_last=1"])
     train(cfg, output_dir=tmp_path / "run")
-    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt"))  # (each with its .sha256 manifest)
     assert ckpts == ["best.pt", "step_0000002.pt"]  # keep_last=1 pruned step 1
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
     assert set(state) == {"model", "robust", "loss_fn", "optimizer", "scaler", "temp_schedule", "loss_temperature", "oom",

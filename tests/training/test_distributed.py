@@ -268,7 +268,7 @@ def test_torchrun_smoke_end_to_end(tmp_path):
     # mlflow_run.json: the store and run a later replay writes to; test_split.csv: what the batch tools reproduce
     assert sorted(p.name for p in run_a.iterdir()) == [".hydra", "__main__.log", "checkpoints", "config.yaml", "metrics.json",
                                                         "mlflow_run.json", "model", "plots", "test_split.csv"]
-    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["best.pt", "step_0000002.pt", "step_0000004.pt"]
+    assert sorted(p.name for p in (run_a / "checkpoints").glob("*.pt")) == ["best.pt", "step_0000002.pt", "step_0000004.pt"]
     client, runs = _runs(a / "mlflow.db")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]

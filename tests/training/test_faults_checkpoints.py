@@ -9,6 +9,7 @@ works on its own copy of that run folder and store, injects its fault, and resum
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import shutil
@@ -94,6 +95,8 @@ def test_every_checkpoint_loads_with_weights_only(base_run):
     for f in files:
         state = torch.load(f, map_location="cpu", weights_only=True)  # plain types and tensors only
         assert isinstance(state["model"], dict) and state["step"] in (2, 4, 6) or f.name == "best.pt"
+        # each with its sha256 manifest beside it, in sha256sum's format
+        assert (f.parent / f"{f.name}.sha256").read_text() == f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n"
 
 
 # ---------------------------------------------------------------------------- truncated / corrupt
@@ -144,6 +147,43 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(work):
     assert not (work / "run" / "metrics.json").exists()
 
 
+def _flip_a_tensor_byte(path: Path) -> None:
+    """One bit flipped in the middle of the largest tensor record: the zip's directory and headers are intact and
+    torch.load still reads the file (into one wrong weight); only the bytes differ from what was written."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+    data[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_tensor_data_is_detected_and_latest_falls_back(work, caplog):
+    """A bit flip inside step 6's tensor data: the manifest names it, ``latest`` resumes from step 4 (which, like a
+    checkpoint of an older clipexp, has no manifest and still loads) and trains steps 5-6 again, exactly."""
+    from clipexp.errors import ConfigError
+
+    _flip_a_tensor_byte(ckpt(work, 6))
+    assert torch.load(ckpt(work, 6), weights_only=True)["step"] == 6   # torch alone does not notice
+    (ckpt(work, 4).parent / "step_0000004.pt.sha256").unlink()       # written before manifests existed
+    with pytest.raises(ConfigError) as info:
+        _train(work, f"trainer.resume={ckpt(work, 6)}")
+    line = _one_line(info.value)
+    assert str(ckpt(work, 6)) in line and "does not match its manifest step_0000006.pt.sha256" in line, line
+    assert f"trainer.resume={ckpt(work, 4)}" in line, line
+    with caplog.at_level(logging.WARNING, logger="clipexp"):
+        _train(work, "trainer.resume=latest")
+    lines = [r.getMessage() for r in caplog.records if str(ckpt(work, 6)) in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "its sha256" in lines[0] and "does not match its manifest" in lines[0] and str(ckpt(work, 4)) in lines[0], lines[0]
+    _assert_same_results_as_reference(work)
+    _, run = _run_of(work)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == "4"
+
+
 # ------------------------------------------------------------------------------------ disk full
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_the_run(work, monkeypatch):
     """A writer that fills the disk half-way through step 4's checkpoint (what ENOSPC looks like)."""
@@ -167,7 +207,8 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_the_run
     line = _one_line(info.value)
     target, previous = fresh / "checkpoints" / "step_0000004.pt", fresh / "checkpoints" / "step_0000002.pt"
     assert "No space left on device" in line and str(target.parent) in line and str(previous) in line, line
-    assert sorted(p.name for p in target.parent.iterdir()) == ["best.pt", "step_0000002.pt"]   # no half-written file
+    assert sorted(p.name for p in target.parent.iterdir()) == ["best.pt", "best.pt.sha256", "step_0000002.pt",
+                                                               "step_0000002.pt.sha256"]   # no half-written file
     assert torch.load(previous, weights_only=True)["step"] == 2
     from mlflow.tracking import MlflowClient
 
@@ -249,6 +290,7 @@ def test_old_format_checkpoint_says_how_to_upgrade_and_the_upgrade_resumes(work)
     old.pop("format", None)
     for step in (4, 6):
         ckpt(work, step).unlink()
+        (ckpt(work, step).parent / f"{ckpt(work, step).name}.sha256").unlink()  # an older clipexp wrote no manifest
     torch.save(old, ckpt(work, 4))
     with pytest.raises(ConfigError) as info:
         _train(work, "trainer.resume=latest")

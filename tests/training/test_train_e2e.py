@@ -103,7 +103,7 @@ def test_tracking_disabled_writes_no_store(run_cli, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert not (tmp_path / "never.db").exists()
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "model" / "config.json").is_file()
-    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt"))
     assert ckpts == ["best.pt", "step_0000002.pt", "step_0000004.pt"]
 
 
