@@ -110,7 +110,7 @@ class Trainer:
         derived = derived_params(self)
         self.tracker = start_tracking(
             cfg, enabled=cfg.tracking.enabled and self.dist.is_main, overrides=self.overrides, output_dir=self.output_dir,
-            tags=run_tags(cfg, self.overrides, self.output_dir, self.dev, self.extra_tags), derived=derived,
+            tags=run_tags(cfg, self.overrides, self.output_dir, self.dev, self.extra_tags), derived=derived, data=self.data,
             resume=None if resumed is None else {"run_id": resumed.get("run_id"), "from": self.resumed_from, "step": self.step,
                                                  "changes": self.resume_changes})
         log.info("train %d / val %d / test %d pairs; %d steps (%d per epoch) of %d samples (%s accumulation); outputs in %s",
