@@ -1,4 +1,6 @@
-"""``python -m clipexp [group=option ...] [key=value ...]``: compose the run config and train.
+"""``clipexp train [group=option ...] [key=value ...]`` (= ``python -m clipexp ...``): compose the run config and train.
+
+``--help`` prints the short help (:mod:`clipexp.cli.help`); ``--help-all`` is Hydra's help with every key.
 
 Before Hydra runs, a preflight pass checks the command line the way a user expects: an unknown
 group option, a key that does not exist, a value of the wrong type or out of range each end the
@@ -16,6 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
+from clipexp.cli.help import short_help
 from clipexp.config.schema import register_configs
 from clipexp.config.validate import validate
 from clipexp.errors import ConfigError
@@ -153,6 +156,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):  # the short help; Hydra's long one is --help-all
+        print(short_help())
+        sys.exit(0)
+    sys.argv = [("--help" if a == "--help-all" else a) for a in sys.argv]
     try:
         cfg = preflight(sys.argv[1:])
     except ConfigError as err:
