@@ -37,7 +37,7 @@ from clipexp.training.data import (DeviceBatches, EpochSampler, build_data, buil
 from clipexp.training.distributed import DistContext
 from clipexp.training.gradcache import exact_accumulation_step
 from clipexp.training.oom import OOMRecovery, is_oom, split_batch
-from clipexp.training.optim import build_optimizer, build_temperature_schedule, lr_at, set_lr, trainable_parameters
+from clipexp.training.optim import build_optimizer, build_temperature_schedule, fit_step_settings, lr_at, set_lr, trainable_parameters
 from clipexp.training.resume import describe_changes, resume_checkpoint
 from clipexp.training.robust import EMA_PREFIX, RobustFineTuning, wise_ft_metrics
 
@@ -141,7 +141,7 @@ class Trainer:
         self.train_loader = build_train_loader(self.data.train, self.sampler, cfg.data.num_workers, self.dev.type, self.dist.local_world_size)
         self.collate = self.train_loader.collate_fn
         self.steps_per_epoch = getattr(self.train_loader, "steps_per_epoch", self.sampler.num_batches)  # a stream: what its shards hold
-        self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
+        self.total_steps = fit_step_settings(t, t.max_steps or t.num_epochs * self.steps_per_epoch)  # warm-up, eval, save fit it
         self.eval_batch_size = t.eval_batch_size or max(self.batch_size, 32)
 
     # ----------------------------------------------------------------------------------------- step

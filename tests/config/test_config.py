@@ -71,7 +71,8 @@ def test_trainer_keys_override(compose_cfg):
         (["loss.mining_strategy=easy"], "clipexp: error: loss.mining_strategy='easy' is invalid: one of semi-hard, hard, weighted"),
         (["loss.temperature_schedule=linear"], "clipexp: error: loss.temperature_schedule='linear' is invalid: one of constant, warmup, cosine, exponential, adaptive"),
         (["domain.name=foo"], "clipexp: error: domain.name='foo' is invalid: one of general, medical, industrial, scientific"),
-        (["trainer.foo=1"], "clipexp: error: Could not override 'trainer.foo'.: Key 'foo' not in 'TrainerConfig'"),
+        (["trainer.max_step=1"], "clipexp: error: trainer.max_step=1: no such config key; did you mean trainer.max_steps? "
+                                 "(`clipexp train --help-all` lists every key)"),
         (["data=csv"], "clipexp: error: data.path=None is invalid: a file or folder path is required for data.source=csv"),
         (["data=webdataset"], "clipexp: error: data.urls=None is invalid: shard paths or a brace pattern are required for data=webdataset, "
                               "e.g. /data/shards/train-{000000..000009}.tar"),
