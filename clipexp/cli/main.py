@@ -81,6 +81,7 @@ def ui_command(argv: List[str]) -> Optional[List[str]]:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only) or 0.0.0.0")
     p.add_argument("--backend-store-uri", default=None, help="this store instead")
+    p.add_argument("--workers", type=int, default=1, help="server processes (1 is plenty for one person)")
     p.add_argument("--print-command", action="store_true", help="print the mlflow command and exit")
     args = p.parse_args(argv)
     from clipexp.tracking.tracker import RUN_FILE, artifact_root, default_tracking_uri, resolve_uri
@@ -93,7 +94,8 @@ def ui_command(argv: List[str]) -> Optional[List[str]]:
             return None
         store = json.loads(meta.read_text())["uri"]
     store = store or default_tracking_uri()
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port),
+           "--workers", str(args.workers)]
     root = artifact_root(store)
     if root is not None:
         cmd += ["--artifacts-destination", str(root)]
@@ -109,6 +111,8 @@ def ui(argv: List[str]) -> int:
         return 0
     host, port = cmd[cmd.index("--host") + 1], cmd[cmd.index("--port") + 1]
     print(f"MLflow UI on {cmd[cmd.index('--backend-store-uri') + 1]} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    # MLflow's job runner (GenAI evaluation jobs, ~10 processes) is off unless asked for: training runs do not use it
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, cmd)  # the process becomes the UI server: Ctrl-C and kill reach it directly
     return 0  # not reached
 
