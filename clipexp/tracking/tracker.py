@@ -316,7 +316,7 @@ class Tracker(NullTracker):
             where = f"in {outbox.spool}" if outbox.spool else "lost (no run folder)"
             log.warning("tracking: the store %s is still unreachable after waiting %g s; %d writes (%d metric values and "
                         "the final status %s) are %s; the run folder's metrics.json is complete. Send them later with "
-                        "`python -m clipexp.tracking replay %s`", self.uri, self.end_timeout_s, len(left), n_metrics,
+                        "`clipexp replay %s`", self.uri, self.end_timeout_s, len(left), n_metrics,
                         status, where, outbox.spool.parent if outbox.spool else "<run dir>")
 
     @property
