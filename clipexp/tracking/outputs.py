@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -20,6 +21,7 @@ from clipexp.models.clip import count_parameters
 from clipexp.tracking import plots
 from clipexp.tracking.tracker import flatten, git_commit, make_tracker, overrides_run_name, source_tags
 
+log = logging.getLogger(__name__)
 SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))
 
 
@@ -104,7 +106,10 @@ def start_tracking(cfg: Any, *, enabled: bool, overrides: List[str], output_dir:
     tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
     tracker.log_params({f"derived.{k}": v for k, v in derived.items()})
     if data is not None and tracker.enabled:
-        tracker.log_inputs(dataset_inputs(cfg, data))
+        try:
+            tracker.log_inputs(dataset_inputs(cfg, data))
+        except Exception as err:  # noqa: BLE001 - the Dataset column is a convenience; never fail a run for it
+            log.warning("tracking: the datasets could not be logged as run inputs: %s", err)
     return tracker
 
 
