@@ -1,6 +1,6 @@
-"""``python -m clipexp``: the command line (:mod:`clipexp.cli.train`)."""
+"""``python -m clipexp``: the command line (:mod:`clipexp.cli.main`); no arguments train the defaults, as always."""
 
-from clipexp.cli.train import main
+from clipexp.cli.main import main
 
 if __name__ == "__main__":
-    main()
+    main(bare="train")

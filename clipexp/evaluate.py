@@ -94,6 +94,19 @@ def zero_shot_metrics(image_embeds: Tensor, labels: Tensor, class_embeds: Tensor
     }
 
 
+LOWER_IS_BETTER = ("loss", "median_rank", "mean_rank")  # metric names ending so: trainer.monitor_mode=min
+
+
+def split_metric_names(zero_shot: bool = True) -> List[str]:
+    """The names :meth:`Evaluator.metrics` logs under ``<split>/``: the loss, then what
+    :func:`evaluate_retrieval` and (with labels) :func:`zero_shot_metrics` return, found by running them on two pairs."""
+    two = torch.eye(2)
+    names = ["loss", *evaluate_retrieval(two, two)]
+    if zero_shot:
+        names += [k for k in zero_shot_metrics(two, torch.tensor([0, 1]), two) if k != "confusion"]
+    return names
+
+
 def class_text_embeddings(encode_text, class_names: List[str], templates: List[str]) -> Tensor:
     """Normalised mean of each class's prompt embeddings. ``encode_text(list[str]) -> [n, D]`` normalised."""
     prompts = [t.format(c) for c in class_names for t in templates]

@@ -1,8 +1,12 @@
-"""``python -m clipexp [group=option ...] [key=value ...]``: compose the run config and train.
+"""``clipexp train [group=option ...] [key=value ...]`` (= ``python -m clipexp ...``): compose the run config and train.
+
+``--help`` prints the short help (:mod:`clipexp.cli.help`); ``--help-all`` is Hydra's help with every key.
 
 Before Hydra runs, a preflight pass checks the command line the way a user expects: an unknown
-group option, a key that does not exist, a value of the wrong type or out of range each end the
-program with one line naming the key, the bad value and what is allowed, and exit code 2.
+group option, a key that does not exist (with the nearest one suggested), a value of the wrong type or
+out of range, a ``trainer.monitor`` the run does not log, a data file or model folder that is not there
+each end the program with one line naming the key, the bad value and what is allowed, and exit code 2,
+before the model loads.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this same ``main``: after the preflight it
 starts the process group, rank 0 fixes the output folder's time stamp and sends it to the others, and
@@ -16,6 +20,8 @@ import os
 import sys
 from typing import List, Optional
 
+from clipexp.cli.help import short_help
+from clipexp.config.checks import check_override_keys, check_paths
 from clipexp.config.schema import register_configs
 from clipexp.config.validate import validate
 from clipexp.errors import ConfigError
@@ -82,6 +88,10 @@ def compose_and_validate(overrides: List[str]):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[o for o in overrides if not o.lstrip("+~").startswith("hydra")])
     except Exception as err:  # noqa: BLE001 - composition errors become one line
+        optional = next((o.split("=", 1)[0] for o in overrides if o.startswith("eval_data.")), None)
+        if optional and not any(o.startswith("eval_data=") for o in overrides):
+            raise UsageError(f"{optional}: there is no eval_data section to set; choose one first, e.g. eval_data=csv "
+                             f"(one of {', '.join(config_groups()['eval_data'])})") from None
         raise UsageError(_first_lines(err)) from None
     finally:
         GlobalHydra.instance().clear()
@@ -102,11 +112,14 @@ def preflight(argv: List[str]):
     if args.help or args.hydra_help or args.shell_completion:
         return None
     check_group_options(args.overrides)
+    check_override_keys(args.overrides, groups=list(config_groups()))
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeping = args.multirun or any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(args.overrides))
     if not sweeping and not args.cfg and not args.info:
-        return compose_and_validate(args.overrides)
+        cfg = compose_and_validate(args.overrides)
+        check_paths(cfg)  # the files it reads exist (not in compose_and_validate: a config may be made for another machine)
+        return cfg
     return None
 
 
@@ -153,6 +166,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):  # the short help; Hydra's long one is --help-all
+        print(short_help())
+        sys.exit(0)
+    sys.argv = [("--help" if a == "--help-all" else a) for a in sys.argv]
     try:
         cfg = preflight(sys.argv[1:])
     except ConfigError as err:

@@ -199,7 +199,7 @@ class TrainerConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # log to MLflow; false = the run folder only
-    uri: Optional[str] = None  # null = sqlite:///<project root>/mlflow.db
+    uri: Optional[str] = None  # null = MLFLOW_TRACKING_URI, else sqlite:///<current folder>/mlflow.db (tracking.tracker.default_tracking_uri)
     experiment: str = "clipexp"  # MLflow experiment name
     run_name: Optional[str] = None  # null = made from the command-line overrides
     log_model: bool = True  # log model/ (the save_pretrained folder) as artifacts

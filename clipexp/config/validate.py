@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from clipexp.config.checks import check_monitor
 from clipexp.config.schema import RunConfig
 from clipexp.errors import ConfigError
 from clipexp.models.clip import ArchitectureConfig
@@ -95,6 +96,9 @@ RULES: Dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.cache_images": _one_of(CACHE_MODES),
     "data.max_bad_fraction": _ratio,
     "data.shuffle_buffer": _ge0,
+    "data.cache_memory_mb": _ge0,
+    "tracking.retry_s": _pos,
+    "tracking.end_timeout_s": _ge0,
     "device.type": _one_of(DEVICES),
     "device.precision": _one_of(PRECISIONS),
     "trainer.learning_rate": _pos,
@@ -106,6 +110,9 @@ RULES: Dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.gradient_accumulation_steps": _int_ge1,
     "trainer.accumulation": _one_of(ACCUMULATION),
     "trainer.max_grad_norm": _ge0,
+    "trainer.adam_beta1": ((lambda v: 0 <= v < 1), "a number in [0, 1), e.g. 0.9"),
+    "trainer.adam_beta2": ((lambda v: 0 <= v < 1), "a number in [0, 1), e.g. 0.98"),
+    "trainer.adam_eps": _pos,
     "trainer.weight_decay": _ge0,
     "trainer.save_steps": _int_ge1,
     "trainer.eval_steps": _int_ge1,
@@ -153,6 +160,7 @@ def _check_robust(cfg: Any) -> None:
     monitor = _get(cfg, "trainer.monitor")
     if str(monitor).startswith("ema/") and not _get(cfg, "trainer.ema.decay"):
         raise ConfigError("trainer.monitor", monitor, "a metric of the trained weights (ema/... needs trainer.ema.decay, e.g. 0.999)")
+    check_monitor(cfg)
     ev = _get(cfg, "eval_data")
     if ev is None:
         return

@@ -7,7 +7,7 @@
     python -m clipexp.serving.predict search --model <run id> --embeddings photos.parquet --query "a local defect" --top-k 5
 
 ``--model``: a run id or ``runs:/<id>/clip`` / ``models:/NAME/VERSION`` URI (``--tracking-uri``, default
-the project's store), a run folder (``outputs/...``, its ``model/``) or a ``save_pretrained`` folder (a
+the store rule of :func:`clipexp.tracking.tracker.default_tracking_uri`), a run folder (``outputs/...``, its ``model/``) or a ``save_pretrained`` folder (a
 folder without ``clipexp_inference.json``, e.g. a hub model, needs ``--classes`` for zero_shot).
 ``--images``: a folder (searched recursively; a first-level subfolder named like a class is that image's
 label) or a CSV with an ``image_path`` column (``--image-column``; relative paths are relative to the
@@ -178,12 +178,19 @@ def search(inf, embeddings: Path, queries: Sequence[str], k: int) -> List[dict]:
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+EXAMPLES = """examples:
+  {prog} zero_shot --model outputs/<date>/<time> --images test.csv --out preds.csv
+  {prog} embed --model runs:/<run id>/clip --images photos/ --out photos.parquet
+  {prog} search --model <run id> --embeddings photos.parquet --query "a local defect" --top-k 5"""
+
+
+def build_parser(prog: str = f"python -m {PROG}") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Zero-shot classify, embed or search images with a fine-tuned model.",
+                                     epilog=EXAMPLES.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="task", required=True, metavar="{zero_shot,embed,search}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="run id, runs:/ or models:/ URI, run folder, or save_pretrained folder")
-    common.add_argument("--tracking-uri", default=None, help="MLflow store for run ids and URIs (default: the project's mlflow.db)")
+    common.add_argument("--tracking-uri", default=None, help="MLflow store for run ids and URIs (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     common.add_argument("--batch-size", type=int, default=None, help="images per forward (default: the run's evaluation batch)")
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     common.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -235,16 +242,16 @@ def run(args: argparse.Namespace) -> None:
         print(f"{s['answered']} of {s['images']} images embedded ({s['dim']} dims; {s['errors']} unreadable) -> {args.out}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = f"python -m {PROG}") -> int:
     from clipexp.device import DeviceError
     from clipexp.models.clip import ModelLoadError
     from clipexp.serving.inference import InferenceError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         run(args)
     except (PredictError, InferenceError, ModelLoadError, DeviceError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog.split()[-1] if prog.startswith('python') else prog.split()[0]}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,17 +20,51 @@ from omegaconf import OmegaConf
 from clipexp.models.clip import count_parameters
 from clipexp.paths import write_folder_manifest
 from clipexp.tracking import plots
-from clipexp.tracking.tracker import flatten, git_commit, make_tracker, overrides_run_name
+from clipexp.tracking.tracker import flatten, git_commit, make_tracker, overrides_run_name, source_tags
+
+log = logging.getLogger(__name__)
+SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))
 
 
 def run_tags(cfg: Any, overrides: List[str], output_dir: Path, dev: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     return {
+        **source_tags(),
         "domain": cfg.domain.name, "loss": cfg.loss.name, "model": cfg.model.name, "data": cfg.data.source,
         "init_from": cfg.model.name_or_path or f"built:{cfg.model.name}",  # a two-stage run names stage 1's folder here
         "git_commit": git_commit(), "hydra_overrides": " ".join(overrides) or "(none)",
         "output_dir": str(output_dir), "device": f"{dev.type}:{dev.name}", "precision": dev.precision,
         **(extra or {}),
     }
+
+
+def dataset_source(data_cfg: Any) -> str:
+    """Where a run's pairs come from: the file or folder (absolute), the hub id, the shards, or the package folder."""
+    if data_cfg.source == "textile" and not data_cfg.path:
+        from clipexp.data.textile import textile_root
+
+        return str(textile_root())
+    if data_cfg.source == "webdataset":
+        return str(data_cfg.urls)
+    path = str(data_cfg.path)
+    return str(Path(path).absolute()) if data_cfg.source != "hf" or Path(path).exists() else path
+
+
+def dataset_inputs(cfg: Any, data: Any) -> List[Dict[str, Any]]:
+    """The run's splits as MLflow dataset inputs (``Tracker.log_inputs``): one table of its pairs each
+    (image path, first caption, label), named ``<data>-<split>``, with the source and the split's context.
+    A streamed split (WebDataset) has no table of pairs and is left out."""
+    import pandas as pd
+
+    base = Path(str(cfg.data.path)).stem if cfg.data.path else cfg.data.source
+    out = []
+    for split, context in SPLIT_CONTEXTS:
+        pairs = getattr(getattr(data, split, None), "pairs", None)
+        if not pairs:
+            continue
+        table = pd.DataFrame({"image_path": [str(p.image_path) for p in pairs], "caption": [p.captions[0] for p in pairs],
+                              "label": [p.label for p in pairs]})
+        out.append({"name": f"{base}-{split}", "table": table, "source": dataset_source(cfg.data), "context": context})
+    return out
 
 
 def derived_params(trainer) -> Dict[str, Any]:
@@ -55,10 +90,11 @@ def parent_run_id(output_dir: Path) -> Optional[str]:
 
 
 def start_tracking(cfg: Any, *, enabled: bool, overrides: List[str], output_dir: Path, tags: Dict[str, str], derived: Dict[str, Any],
-                   resume: Optional[Dict[str, Any]] = None):
+                   resume: Optional[Dict[str, Any]] = None, data: Any = None):
     """A started tracker. ``resume``: ``{"run_id", "from", "step"}`` of the checkpoint resumed, whose
     MLflow run is continued (tagged with where it resumed); otherwise a new run with ``tags``, the
-    flattened resolved config and the ``derived`` values (``derived.<name>``) as params."""
+    flattened resolved config and the ``derived`` values (``derived.<name>``) as params, and the splits of
+    ``data`` (the trainer's datasets) as its dataset inputs."""
     tc = cfg.tracking
     tracker = make_tracker(enabled, tc.uri, tc.experiment, output_dir, tc.retry_s, tc.end_timeout_s)
     if resume is not None and resume.get("run_id") and tracker.enabled:
@@ -70,6 +106,11 @@ def start_tracking(cfg: Any, *, enabled: bool, overrides: List[str], output_dir:
                   system_metrics=tc.system_metrics)
     tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
     tracker.log_params({f"derived.{k}": v for k, v in derived.items()})
+    if data is not None and tracker.enabled:
+        try:
+            tracker.log_inputs(dataset_inputs(cfg, data))
+        except Exception as err:  # noqa: BLE001 - the Dataset column is a convenience; never fail a run for it
+            log.warning("tracking: the datasets could not be logged as run inputs: %s", err)
     return tracker
 
 

@@ -61,7 +61,7 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not OmegaConf.select(config, "tracking.enabled", default=False):
             return
-        from clipexp.tracking.tracker import Tracker
+        from clipexp.tracking.tracker import Tracker, source_tags
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +72,7 @@ class MLflowSweepCallback(Callback):
         self.tracker.start(
             run_name=f"sweep {sweep_id}",
             tags={
+                **source_tags("clipexp train -m"),
                 "sweep_id": sweep_id,
                 "sweep_command": "python -m clipexp " + " ".join(sys.argv[1:]),
                 "swept_keys": ",".join(keys),

@@ -1,8 +1,9 @@
 """Everything MLflow, behind one small interface (``Tracker``); ``NullTracker`` when tracking is off.
 
 Conventions (DESIGN.md): one run per Hydra job; params are the flattened resolved config; tags carry
-domain, loss, model, git commit and the Hydra overrides; the default store is one SQLite file at the
-project root, addressed by an absolute path so every job of a sweep shares it wherever it runs from.
+domain, loss, model, git commit (also as MLflow's ``mlflow.source.*`` tags, the UI's Source column) and the
+Hydra overrides; the datasets are the run's inputs (the UI's Dataset column); the experiment is tagged a
+model-training experiment (``mlflow.experimentKind``). Where the store lives: :func:`default_tracking_uri`.
 Store creation and experiment creation are guarded by a file lock, so parallel jobs can start at once.
 """
 
@@ -12,17 +13,47 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
+import re
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
 
 from clipexp.paths import PROJECT_ROOT
 from clipexp.tracking.outbox import Outbox, read_spool
 
 log = logging.getLogger(__name__)
 
+# MLflow 3's UI opens an experiment with this tag set to custom_model_development on its training runs
+# ("Machine learning" / "Model training"), not on the GenAI overview (traces, sessions)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+ARTIFACTS_DIR = "mlartifacts"
+
+
 def default_tracking_uri() -> str:
-    return f"sqlite:///{(PROJECT_ROOT / 'mlflow.db').resolve()}"
+    """The store rule, the same for every command (``clipexp train``, sweeps, ``predict``, ``replay``, ``ui``):
+
+    1. ``tracking.uri`` (``--tracking-uri``, ``--backend-store-uri``) when given; a relative
+       ``sqlite:///x.db`` or a bare path is made absolute against the current folder;
+    2. else the ``MLFLOW_TRACKING_URI`` environment variable, as for any MLflow program;
+    3. else ``sqlite:///<current folder>/mlflow.db``: the folder the command is started in, where Hydra
+       also writes ``outputs/`` and ``multirun/`` (no chdir) and where a plain ``mlflow ui`` looks.
+
+    A SQLite store keeps the artifacts of the experiments it creates in ``mlartifacts/`` beside the
+    ``.db`` file (``<current folder>/mlartifacts`` by default; an experiment created earlier keeps its
+    own location); a tracking server (``http://...``) stores them where it is configured to.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return resolve_uri(env)
+    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
+def artifact_root(uri: str) -> Optional[Path]:
+    """``mlartifacts/`` beside a SQLite store's file (None for other stores: they place artifacts themselves)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR
+    return None
 
 
 def resolve_uri(uri: Optional[str]) -> str:
@@ -80,14 +111,34 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
         return "unknown"
 
 
-def ensure_experiment(client, name: str) -> str:
+def source_tags(command: str = "clipexp train", root: Path = PROJECT_ROOT) -> Dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column): the command, LOCAL, the git commit."""
+    tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
+    commit = git_commit(root).removesuffix("-dirty")
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        branch = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if branch.returncode == 0 and branch.stdout.strip() not in ("", "HEAD"):
+            tags["mlflow.source.git.branch"] = branch.stdout.strip()
+    return tags
+
+
+def ensure_experiment(client, name: str, uri: Optional[str] = None) -> str:
+    """The id of experiment ``name``, created if needed: tagged a model-training experiment, its artifacts
+    under :func:`artifact_root` for a SQLite store. An existing experiment without the kind tag gets it."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            with contextlib.suppress(Exception):  # a read-only store still trains
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
+    root = artifact_root(uri) if uri else None
+    location = str(root / re.sub(r"[^A-Za-z0-9._-]+", "_", name)) if root is not None else None
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # noqa: BLE001 - another process created it between our two calls
         return client.get_experiment_by_name(name).experiment_id
 
@@ -109,6 +160,7 @@ class NullTracker:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
     def log_artifacts(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
     def log_dict(self, data: Any, name: str) -> None: ...
+    def log_inputs(self, datasets: Sequence[Mapping[str, Any]]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
     @property
@@ -142,7 +194,7 @@ class Tracker(NullTracker):
         with store_lock(self.uri):  # first use of a new SQLite store creates its schema: one process at a time
             mlflow.set_tracking_uri(self.uri)
             self.client = MlflowClient(self.uri)
-            self.experiment_id = ensure_experiment(self.client, experiment)
+            self.experiment_id = ensure_experiment(self.client, experiment, self.uri)
         self.run_id: Optional[str] = None
         self._system_metrics = None
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -172,7 +224,8 @@ class Tracker(NullTracker):
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._system_metrics = SystemMetricsMonitor(self.run_id)
+                # CPU, memory, disk, network (GPU with pynvml) every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (10)
+                self._system_metrics = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri, resume_logging=run_id is not None)
                 self._system_metrics.start()
             except Exception as err:  # noqa: BLE001 - optional extra; never fail a run for it
                 log.warning("system metrics are unavailable: %s", err)
@@ -203,6 +256,24 @@ class Tracker(NullTracker):
     def log_dict(self, data: Any, name: str) -> None:
         self.outbox.put("text", {"text": json.dumps(data, indent=2, default=str), "name": name})
 
+    def log_inputs(self, datasets: Sequence[Mapping[str, Any]]) -> None:
+        """The run's datasets as MLflow run inputs (the UI's Dataset column): each ``{"name", "table"
+        (a pandas DataFrame, one row per pair), "source" (path or id), "context" (training, validation, test)}``;
+        MLflow computes each table's digest and schema."""
+        import warnings
+
+        import mlflow.data
+
+        entities = []
+        for d in datasets:
+            with warnings.catch_warnings():  # the source registry warns that a plain path resolves to a local source
+                warnings.simplefilter("ignore")
+                e = mlflow.data.from_pandas(d["table"], source=str(d["source"]), name=d["name"])._to_mlflow_entity()
+            entities.append({"name": e.name, "digest": e.digest, "source_type": e.source_type, "source": e.source,
+                             "schema": e.schema, "profile": e.profile, "context": d["context"]})
+        if entities:
+            self.outbox.put("inputs", {"datasets": entities})
+
     def _deliver(self, kind: str, payloads: list) -> None:
         """One store call for ``payloads`` (several only for metrics, merged into one batch)."""
         from mlflow.entities import Metric, Param, RunTag
@@ -219,6 +290,12 @@ class Tracker(NullTracker):
         elif kind == "text":
             for p in payloads:
                 c.log_text(run, p["text"], p["name"])
+        elif kind == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            c.log_inputs(run, datasets=[DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
+                                                     [InputTag("mlflow.data.context", d["context"])])
+                                        for p in payloads for d in p["datasets"]])
         elif kind == "end":
             c.set_terminated(run, status=payloads[-1]["status"])
         else:
@@ -239,7 +316,7 @@ class Tracker(NullTracker):
             where = f"in {outbox.spool}" if outbox.spool else "lost (no run folder)"
             log.warning("tracking: the store %s is still unreachable after waiting %g s; %d writes (%d metric values and "
                         "the final status %s) are %s; the run folder's metrics.json is complete. Send them later with "
-                        "`python -m clipexp.tracking replay %s`", self.uri, self.end_timeout_s, len(left), n_metrics,
+                        "`clipexp replay %s`", self.uri, self.end_timeout_s, len(left), n_metrics,
                         status, where, outbox.spool.parent if outbox.spool else "<run dir>")
 
     @property

@@ -266,7 +266,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
             raise DamagedCheckpoint(path, err) from None
         if all(_is_numpy(name) for name in unsafe):
             raise CheckpointError(f"trainer.resume: {path} was written by an older clipexp (it holds numpy arrays, which this "
-                                  f"version does not unpickle); convert it once with `python -m clipexp.training.checkpoint upgrade "
+                                  f"version does not unpickle); convert it once with `clipexp upgrade "
                                   f"{path}` and resume again") from None
         raise CheckpointError(f"trainer.resume: {path} holds pickled objects that could run code when loaded "
                               f"({', '.join(unsafe)}); clipexp loads only tensors and plain values, so it refuses this file: "

@@ -7,13 +7,18 @@ config's ``trainer`` and ``loss`` sections); ``lr_at`` is a plain function, and 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, List, Tuple
 
 import torch
+from omegaconf import read_write
 
 from clipexp.finetune.layer_decay import param_groups
 from clipexp.losses.temperature_scheduler import TemperatureScheduler
+
+log = logging.getLogger(__name__)
+WARMUP_FRACTION = 0.1
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -27,6 +32,29 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
         return base_lr
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def fit_step_settings(trainer_cfg: Any, total_steps: int) -> int:
+    """Scale, in place, the step-based settings that do not fit a run of ``total_steps`` and name them in one
+    warning (before the first step); returns ``total_steps``. The defaults (warm-up 500, evaluation every 500,
+    a checkpoint every 1000 steps) suit long runs; a 300-step run on a small CSV would otherwise never leave
+    warm-up. ``warmup_steps >= total_steps`` becomes 10% of the steps; ``eval_steps`` / ``save_steps`` above
+    ``total_steps`` become ``total_steps`` (the run evaluates and saves at its last step anyway: the logged
+    config then says what happens). Values that fit are never touched."""
+    t, changes = trainer_cfg, []
+    if t.warmup_steps and t.warmup_steps >= total_steps:
+        changes.append(("warmup_steps", int(WARMUP_FRACTION * total_steps), f"{WARMUP_FRACTION:.0%} of the steps"))
+    for key, what in (("eval_steps", "an evaluation at the last step only"), ("save_steps", "a checkpoint at the last step only")):
+        if t[key] > total_steps:
+            changes.append((key, total_steps, what))
+    if changes:
+        said = ", ".join(f"trainer.{key} {t[key]} -> {new} ({what})" for key, new, what in changes)
+        with read_write(t):
+            for key, new, _ in changes:
+                t[key] = new
+        log.warning("this run has %d steps; settings that did not fit are scaled: %s; set them below %d to choose",
+                    total_steps, said, total_steps)
+    return total_steps
 
 
 def build_optimizer(trainer_cfg: Any, model: torch.nn.Module, loss_fn: torch.nn.Module, device_type: str,

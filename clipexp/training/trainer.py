@@ -37,7 +37,7 @@ from clipexp.training.distributed import DistContext
 from clipexp.training.finishing import write_run_outputs
 from clipexp.training.gradcache import exact_accumulation_step
 from clipexp.training.oom import OOMRecovery, is_oom, split_batch
-from clipexp.training.optim import build_optimizer, build_temperature_schedule, lr_at, set_lr, trainable_parameters
+from clipexp.training.optim import build_optimizer, build_temperature_schedule, fit_step_settings, lr_at, set_lr, trainable_parameters
 from clipexp.training.resume import describe_changes, resume_checkpoint
 from clipexp.training.robust import EMA_PREFIX, RobustFineTuning, wise_ft_metrics
 
@@ -110,7 +110,7 @@ class Trainer:
         derived = derived_params(self)
         self.tracker = start_tracking(
             cfg, enabled=cfg.tracking.enabled and self.dist.is_main, overrides=self.overrides, output_dir=self.output_dir,
-            tags=run_tags(cfg, self.overrides, self.output_dir, self.dev, self.extra_tags), derived=derived,
+            tags=run_tags(cfg, self.overrides, self.output_dir, self.dev, self.extra_tags), derived=derived, data=self.data,
             resume=None if resumed is None else {"run_id": resumed.get("run_id"), "from": self.resumed_from, "step": self.step,
                                                  "changes": self.resume_changes})
         log.info("train %d / val %d / test %d pairs; %d steps (%d per epoch) of %d samples (%s accumulation); outputs in %s",
@@ -141,7 +141,7 @@ class Trainer:
         self.train_loader = build_train_loader(self.data.train, self.sampler, cfg.data.num_workers, self.dev.type, self.dist.local_world_size)
         self.collate = self.train_loader.collate_fn
         self.steps_per_epoch = getattr(self.train_loader, "steps_per_epoch", self.sampler.num_batches)  # a stream: what its shards hold
-        self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
+        self.total_steps = fit_step_settings(t, t.max_steps or t.num_epochs * self.steps_per_epoch)  # warm-up, eval, save fit it
         self.eval_batch_size = t.eval_batch_size or max(self.batch_size, 32)
 
     # ----------------------------------------------------------------------------------------- step

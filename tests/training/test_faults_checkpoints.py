@@ -295,7 +295,7 @@ def test_old_format_checkpoint_says_how_to_upgrade_and_the_upgrade_resumes(work)
     with pytest.raises(ConfigError) as info:
         _train(work, "trainer.resume=latest")
     line = _one_line(info.value)
-    assert str(ckpt(work, 4)) in line and f"python -m clipexp.training.checkpoint upgrade {ckpt(work, 4)}" in line, line
+    assert str(ckpt(work, 4)) in line and f"clipexp upgrade {ckpt(work, 4)}" in line, line
 
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-m", "clipexp.training.checkpoint", "upgrade", str(ckpt(work, 4))], env=env,

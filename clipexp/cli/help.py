@@ -1,0 +1,83 @@
+"""The short ``--help`` of ``clipexp`` and ``python -m clipexp``: the commands, the config groups (one line each:
+what the group is, its options read from ``conf/``, the default marked ``*``) and a few examples.
+
+Hydra's own help (every key of the composed config) stays behind ``--help-all``; ``--cfg job`` prints the
+composed config of a command line.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from clipexp.paths import CONF_DIR
+
+# what each group of conf/ is for (a test checks every group folder has a line here)
+GROUP_DESCRIPTIONS: Dict[str, str] = {
+    "model": "the CLIP to fine-tune (hub id, local folder or a tiny built one)",
+    "domain": "prompts, augmentation, learning rate and epochs of an image domain",
+    "loss": "the training objective",
+    "data": "where the image-text pairs come from (data.path=... for files)",
+    "device": "where to train; precision auto = bf16 where supported",
+    "trainer": "steps, batch, warm-up, evaluation, checkpoints (trainer.<key>=...)",
+    "tracking": "MLflow on or off (tracking.uri, tracking.experiment, tracking.system_metrics)",
+    "eval_data": "an extra evaluation-only set (e.g. what fine-tuning forgets)",
+    "experiment": "presets that set several groups and keys at once",
+    "hparams_search": "Optuna search over hyperparameters (with -m)",
+    "hydra/launcher": "how -m sweeps run their jobs (basic = one after another)",
+}
+
+COMMANDS: Dict[str, str] = {
+    "train": "fine-tune and evaluate one config or a -m sweep (Hydra overrides); `python -m clipexp` is the same",
+    "predict": "zero-shot classify, embed or search images with a trained model",
+    "replay": "send a run's held MLflow writes to its store (after the store was down)",
+    "upgrade": "rewrite older checkpoints in the current safe format",
+    "ui": "open the MLflow UI on a run's store (or the current folder's)",
+}
+
+EXAMPLES = [
+    ("clipexp train experiment=smoke", "a tiny model, a few steps: checks the install"),
+    ("clipexp train experiment=quickstart", "fine-tune CLIP ViT-B/32 on the bundled textile images"),
+    ("clipexp train data=csv data.path=pairs.csv trainer.max_steps=300", "your own image_path,caption[,label] CSV"),
+    ("clipexp train -m loss=contrastive,siglip seed=1,2,3", "a sweep: one MLflow parent run, a child per job"),
+    ("clipexp predict zero_shot --model outputs/<date>/<time> --images imgs/ --out preds.csv", ""),
+    ("clipexp ui outputs/<date>/<time>", "the MLflow UI on that run's store"),
+]
+
+
+def _defaults() -> Dict[str, Optional[str]]:
+    """{group: default option} from ``conf/config.yaml``'s defaults list."""
+    out: Dict[str, Optional[str]] = {}
+    for item in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).get("defaults", []):
+        if isinstance(item, dict):
+            for key, value in item.items():
+                out[key.replace("optional ", "").strip()] = value
+    return out
+
+
+def group_options() -> Dict[str, List[str]]:
+    """{group: [options]} of ``conf/`` (one YAML per option), ``hydra/launcher`` with Hydra's ``basic``."""
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF_DIR.iterdir())
+              if d.is_dir() and any(d.glob("*.yaml"))}
+    launchers = CONF_DIR / "hydra" / "launcher"
+    groups["hydra/launcher"] = ["basic", *sorted(p.stem for p in launchers.glob("*.yaml"))]
+    return groups
+
+
+def short_help(prog: str = "clipexp") -> str:
+    defaults = {**_defaults(), "hydra/launcher": "basic"}
+    groups = group_options()
+    width = max(map(len, groups))
+    lines = ["clipexp: fine-tune CLIP on a domain, evaluate retrieval and zero-shot accuracy, log to MLflow.", "",
+             f"Usage: {prog} <command> [args]    (`python -m clipexp [overrides]` = `clipexp train [overrides]`)", "", "Commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Config groups of `clipexp train` (group=option; * = default):"]
+    for group, options in groups.items():
+        marked = ", ".join(o + ("*" if o == defaults.get(group) else "") for o in options)
+        lines.append(f"  {group:<{width}}  {GROUP_DESCRIPTIONS.get(group, '')}: {marked}")
+    lines += ["", "Examples:"]
+    lines += [f"  {cmd}" + (f"    # {what}" if what else "") for cmd, what in EXAMPLES]
+    lines += ["", "More: `clipexp <command> --help`; `clipexp train --help-all` lists every config key (Hydra's help);",
+              "`clipexp train --cfg job [overrides]` prints the composed config."]
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""``clipexp <command>``: the one command line (the ``clipexp`` console script and ``python -m clipexp``).
+
+Commands: ``train`` (Hydra overrides, ``-m`` sweeps: :mod:`clipexp.cli.train`), ``predict``
+(:mod:`clipexp.serving.predict`), ``replay`` (held MLflow writes), ``upgrade`` (older checkpoints) and ``ui``
+(the MLflow UI on a run's store). Arguments that start with no command name are ``train``'s, so
+``python -m clipexp experiment=smoke`` and ``clipexp experiment=smoke`` still train; ``python -m clipexp`` alone
+trains the defaults as it always did, while the ``clipexp`` script alone prints the short help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from clipexp.cli.help import short_help
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"clipexp: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _parser(name: str, description: str, examples: List[str]) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"clipexp {name}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+
+
+def replay(argv: List[str]) -> int:
+    p = _parser("replay", "Send the MLflow writes a run held back (its store was down or locked: <run dir>/mlflow_pending.jsonl) "
+                "to its store now.", ["clipexp replay outputs/2026-01-31/12-00-00-000000",
+                                      "clipexp replay outputs/<date>/<time> --tracking-uri http://127.0.0.1:5000"])
+    p.add_argument("run_dir", type=Path, help="the run folder (holds mlflow_run.json and mlflow_pending.jsonl)")
+    p.add_argument("uri", nargs="?", default=None, help=argparse.SUPPRESS)  # the old positional form
+    p.add_argument("--tracking-uri", default=None, help="send them to this store instead of the one in mlflow_run.json")
+    args = p.parse_args(argv)
+    from clipexp.tracking.tracker import RUN_FILE, Tracker, replay_pending
+
+    if not (args.run_dir / RUN_FILE).is_file():
+        return _fail(f"{args.run_dir}: no {RUN_FILE} (not the folder of a tracked run)")
+    if not (args.run_dir / Tracker.PENDING_FILE).is_file():
+        print(f"nothing to send: {args.run_dir} has no {Tracker.PENDING_FILE}")
+        return 0
+    sent = replay_pending(args.run_dir, args.tracking_uri or args.uri)
+    print(f"sent {sent} held writes to the run's MLflow store")
+    return 0
+
+
+def upgrade(argv: List[str]) -> int:
+    p = _parser("upgrade", "Rewrite checkpoints written by older clipexp versions (numpy arrays inside) in the current format, "
+                "in place; the original is kept as <name>.old.", ["clipexp upgrade outputs/<date>/<time>/checkpoints/step_000100.pt",
+                                                                   "clipexp upgrade outputs/*/*/checkpoints/*.pt"])
+    p.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT")
+    args = p.parse_args(argv)
+    from clipexp.training.checkpoint import CheckpointError
+    from clipexp.training.checkpoint import upgrade as upgrade_checkpoint
+
+    for path in args.checkpoints:
+        if not path.is_file():
+            return _fail(f"{path}: no such checkpoint file")
+        try:
+            print(f"upgraded {path} (the original is {upgrade_checkpoint(path)})")
+        except CheckpointError as err:
+            return _fail(str(err))
+    return 0
+
+
+def ui_command(argv: List[str]) -> Optional[List[str]]:
+    """The ``mlflow ui`` command line for ``clipexp ui`` (None after a one-line error)."""
+    p = _parser("ui", "Open the MLflow UI (mlflow ui) on a run's store: the one named in <run dir>/mlflow_run.json, else the "
+                "store rule's (MLFLOW_TRACKING_URI, else ./mlflow.db of the current folder).",
+                ["clipexp ui                               # ./mlflow.db, http://127.0.0.1:5000",
+                 "clipexp ui outputs/<date>/<time> --port 5001",
+                 "clipexp ui --backend-store-uri sqlite:////data/mlflow.db"])
+    p.add_argument("run_dir", nargs="?", type=Path, default=None, help="a run (or sweep) folder; its mlflow_run.json names the store")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only) or 0.0.0.0")
+    p.add_argument("--backend-store-uri", default=None, help="this store instead")
+    p.add_argument("--workers", type=int, default=1, help="server processes (1 is plenty for one person)")
+    p.add_argument("--print-command", action="store_true", help="print the mlflow command and exit")
+    args = p.parse_args(argv)
+    from clipexp.tracking.tracker import RUN_FILE, artifact_root, default_tracking_uri, resolve_uri
+
+    store = args.backend_store_uri and resolve_uri(args.backend_store_uri)
+    if store is None and args.run_dir is not None:
+        meta = args.run_dir / RUN_FILE
+        if not meta.is_file():
+            _fail(f"{args.run_dir}: no {RUN_FILE} (not the folder of a tracked run); give a run folder or --backend-store-uri")
+            return None
+        store = json.loads(meta.read_text())["uri"]
+    store = store or default_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port),
+           "--workers", str(args.workers)]
+    root = artifact_root(store)
+    if root is not None:
+        cmd += ["--artifacts-destination", str(root)]
+    return cmd
+
+
+def ui(argv: List[str]) -> int:
+    cmd = ui_command(argv)
+    if cmd is None:
+        return EXIT_USAGE
+    if "--print-command" in argv:
+        print(" ".join(cmd))
+        return 0
+    host, port = cmd[cmd.index("--host") + 1], cmd[cmd.index("--port") + 1]
+    print(f"MLflow UI on {cmd[cmd.index('--backend-store-uri') + 1]} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    # MLflow's job runner (GenAI evaluation jobs, ~10 processes) is off unless asked for: training runs do not use it
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.execv(sys.executable, cmd)  # the process becomes the UI server: Ctrl-C and kill reach it directly
+    return 0  # not reached
+
+
+def predict(argv: List[str]) -> int:
+    from clipexp.serving.predict import main as predict_main
+
+    return predict_main(argv, prog="clipexp predict")
+
+
+def train(argv: List[str]) -> int:
+    from clipexp.cli.train import main as train_main
+
+    train_main(argv)
+    return 0
+
+
+COMMANDS = {"train": train, "predict": predict, "replay": replay, "upgrade": upgrade, "ui": ui}
+
+
+def main(argv: Optional[List[str]] = None, bare: str = "help") -> None:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``). ``bare``: what no arguments at all do, ``help`` (the
+    console script) or ``train`` (``python -m clipexp``, unchanged)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv and bare == "help":
+        print(short_help())
+        sys.exit(0)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(short_help())
+        sys.exit(0)
+    if argv and argv[0] in COMMANDS:
+        sys.exit(COMMANDS[argv[0]](argv[1:]))
+    if argv and argv[0][:1] not in ("-", "~", "+") and "=" not in argv[0]:
+        sys.exit(_fail(f"unknown command {argv[0]!r}: one of {', '.join(COMMANDS)} (or Hydra overrides key=value for train; "
+                       f"`clipexp --help`)"))
+    sys.exit(train(argv))
+
+
+if __name__ == "__main__":
+    main()
