@@ -11,22 +11,9 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from clipexp.config.reference import GROUPS as GROUP_DESCRIPTIONS  # one line per group, shared with the docs
 from clipexp.paths import CONF_DIR
 
-# what each group of conf/ is for (a test checks every group folder has a line here)
-GROUP_DESCRIPTIONS: Dict[str, str] = {
-    "model": "the CLIP to fine-tune (hub id, local folder or a tiny built one)",
-    "domain": "prompts, augmentation, learning rate and epochs of an image domain",
-    "loss": "the training objective",
-    "data": "where the image-text pairs come from (data.path=... for files)",
-    "device": "where to train; precision auto = bf16 where supported",
-    "trainer": "steps, batch, warm-up, evaluation, checkpoints (trainer.<key>=...)",
-    "tracking": "MLflow on or off (tracking.uri, tracking.experiment, tracking.system_metrics)",
-    "eval_data": "an extra evaluation-only set (e.g. what fine-tuning forgets)",
-    "experiment": "presets that set several groups and keys at once",
-    "hparams_search": "Optuna search over hyperparameters (with -m)",
-    "hydra/launcher": "how -m sweeps run their jobs (basic = one after another)",
-}
 
 COMMANDS: Dict[str, str] = {
     "train": "fine-tune and evaluate one config or a -m sweep (Hydra overrides); `python -m clipexp` is the same",

@@ -25,17 +25,17 @@ from clipexp.paths import CONF_DIR
 
 # the config groups in the order a user meets them, each with one line (also the CLI's short help)
 GROUPS: Dict[str, str] = {
-    "model": "the model family and checkpoint, or a small built one (offline)",
-    "domain": "learning rate, epochs, zero-shot prompts, augmentation and loss weighting for a kind of data",
-    "loss": "the training loss and its temperature",
-    "data": "where the image-caption pairs come from, the splits, the image cache",
-    "eval_data": "an extra, evaluation-only data source (e.g. a retention set)",
-    "device": "CUDA, Apple MPS or CPU, and the precision",
-    "trainer": "optimisation, schedule, evaluation, checkpoints, resume, robust fine-tuning",
-    "tracking": "MLflow: store, experiment, what is logged",
-    "experiment": "presets that set several groups at once",
-    "hparams_search": "Optuna search spaces (run with -m)",
-    "hydra/launcher": "how sweep jobs run: in parallel processes or on SLURM",
+    "model": "the model to fine-tune: CLIP, SigLIP or open_clip (hub id, local folder or a tiny built one)",
+    "domain": "prompts, augmentation, learning rate and epochs of an image domain",
+    "loss": "the training objective",
+    "data": "where the image-text pairs come from (data.path=... for files)",
+    "device": "where to train; precision auto = bf16 where supported",
+    "trainer": "steps, batch, warm-up, evaluation, checkpoints (trainer.<key>=...)",
+    "tracking": "MLflow on or off (tracking.uri, tracking.experiment, tracking.system_metrics)",
+    "eval_data": "an extra evaluation-only set (e.g. what fine-tuning forgets)",
+    "experiment": "presets that set several groups and keys at once",
+    "hparams_search": "Optuna search over hyperparameters (with -m)",
+    "hydra/launcher": "how -m sweeps run their jobs (basic = one after another)",
 }
 _DEFAULT_OPTION = {"model": "clip_vit_b32", "domain": "general", "loss": "contrastive", "data": "textile",
                    "device": "auto", "trainer": "default", "tracking": "mlflow"}
