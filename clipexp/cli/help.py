@@ -25,7 +25,7 @@ COMMANDS: Dict[str, str] = {
 
 EXAMPLES = [
     ("clipexp train experiment=smoke", "a tiny model, a few steps: checks the install"),
-    ("clipexp train experiment=quickstart", "fine-tune CLIP ViT-B/32 on the bundled textile images"),
+    ("clipexp train experiment=quickstart", "the offline quick start: a tiny CLIP on the bundled textile images"),
     ("clipexp train data=csv data.path=pairs.csv trainer.max_steps=300", "your own image_path,caption[,label] CSV"),
     ("clipexp train -m loss=contrastive,siglip seed=1,2,3", "a sweep: one MLflow parent run, a child per job"),
     ("clipexp predict zero_shot --model outputs/<date>/<time> --images imgs/ --out preds.csv", ""),
