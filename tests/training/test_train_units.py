@@ -71,7 +71,7 @@ def test_epoch_sampler_is_seeded_drops_the_tail_and_resumes_mid_epoch():
 def test_atomic_save_leaves_no_temp_files(tmp_path):
     path = atomic_save({"x": torch.ones(2)}, tmp_path / "ckpt" / "a.pt")
     assert torch.load(path)["x"].tolist() == [1.0, 1.0]
-    assert [p.name for p in path.parent.iterdir()] == ["a.pt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.pt", "a.pt.sha256"]  # the file and its manifest, no temp file
 
 
 def test_summary_table_lists_baseline_final_best_and_test():
