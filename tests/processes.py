@@ -1,6 +1,7 @@
 """Helpers for tests that drive a training run in a subprocess."""
 
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -11,3 +12,18 @@ def wait_for(path: Path, proc, timeout: float = 300) -> None:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def wait_for_http(url: str, proc, timeout: float = 120, what: str = "the server") -> None:
+    """Poll ``url`` until it answers 200; fail with the process's output if it exits first, or after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, (proc.stdout or proc.stderr).read()[-2000:]
+        assert time.time() < deadline, f"{what} did not start"
+        time.sleep(0.5)

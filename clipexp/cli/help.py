@@ -7,11 +7,10 @@ composed config of a command line.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
-from omegaconf import OmegaConf
+from typing import Dict, List
 
 from clipexp.config.reference import GROUPS as GROUP_DESCRIPTIONS  # one line per group, shared with the docs
+from clipexp.config.reference import config_groups, default_options
 from clipexp.paths import CONF_DIR
 
 
@@ -33,27 +32,16 @@ EXAMPLES = [
 ]
 
 
-def _defaults() -> Dict[str, Optional[str]]:
-    """{group: default option} from ``conf/config.yaml``'s defaults list."""
-    out: Dict[str, Optional[str]] = {}
-    for item in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).get("defaults", []):
-        if isinstance(item, dict):
-            for key, value in item.items():
-                out[key.replace("optional ", "").strip()] = value
-    return out
-
-
 def group_options() -> Dict[str, List[str]]:
     """{group: [options]} of ``conf/`` (one YAML per option), ``hydra/launcher`` with Hydra's ``basic``."""
-    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF_DIR.iterdir())
-              if d.is_dir() and any(d.glob("*.yaml"))}
+    groups = config_groups()
     launchers = CONF_DIR / "hydra" / "launcher"
     groups["hydra/launcher"] = ["basic", *sorted(p.stem for p in launchers.glob("*.yaml"))]
     return groups
 
 
 def short_help(prog: str = "clipexp") -> str:
-    defaults = {**_defaults(), "hydra/launcher": "basic"}
+    defaults = {**default_options(), "hydra/launcher": "basic"}
     groups = group_options()
     width = max(map(len, groups))
     lines = ["clipexp: fine-tune CLIP on a domain, evaluate retrieval and zero-shot accuracy, log to MLflow.", "",

@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from clipexp.cli.help import short_help
 from clipexp.config.checks import check_override_keys, check_paths
+from clipexp.config.reference import config_groups
 from clipexp.config.schema import register_configs
 from clipexp.config.validate import validate
 from clipexp.errors import ConfigError
@@ -35,15 +36,6 @@ class UsageError(ConfigError):
 
     def __init__(self, message: str):
         ValueError.__init__(self, message)
-
-
-def config_groups() -> dict[str, list[str]]:
-    """{group: [options]} of the config tree (one YAML per option)."""
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(CONF_DIR.iterdir())
-        if d.is_dir() and any(d.glob("*.yaml"))
-    }
 
 
 def _first_lines(err: BaseException) -> str:

@@ -37,8 +37,23 @@ GROUPS: Dict[str, str] = {
     "hparams_search": "Optuna search over hyperparameters (with -m)",
     "hydra/launcher": "how -m sweeps run their jobs (basic = one after another)",
 }
-_DEFAULT_OPTION = {"model": "clip_vit_b32", "domain": "general", "loss": "contrastive", "data": "textile",
-                   "device": "auto", "trainer": "default", "tracking": "mlflow"}
+
+
+def config_groups() -> Dict[str, List[str]]:
+    """{group: [options]} of the config tree (one YAML per option)."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and any(d.glob("*.yaml"))}
+
+
+def default_options() -> Dict[str, Optional[str]]:
+    """{group: default option} from ``conf/config.yaml``'s defaults list (None: an optional group)."""
+    from omegaconf import OmegaConf
+
+    out: Dict[str, Optional[str]] = {}
+    for item in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).get("defaults", []):
+        if isinstance(item, dict):
+            for key, value in item.items():
+                out[key.replace("optional ", "").strip()] = value
+    return out
 
 
 def option_description(path: Path) -> str:
@@ -201,7 +216,9 @@ def rows() -> List[Tuple[str, str, str, str]]:
 
     cfg = default_config()
     yaml_docs: Dict[str, str] = {}
-    for group, option in _DEFAULT_OPTION.items():
+    for group, option in default_options().items():
+        if option is None:
+            continue
         yaml_docs.update({f"{group}.{k}": v for k, v in _yaml_comments(CONF_DIR / group / f"{option}.yaml").items()})
     out = []
     for key, type_name, doc, nested, schema_default in walk_keys(RunConfig):
@@ -229,9 +246,10 @@ def render() -> str:
              "`group=option` (`loss=siglip`), and print a composed config with `python -m clipexp --cfg job ...`.",
              "Values are checked once, up front; an unknown key or option is one line naming the nearest known one.",
              "", "## Config groups", ""]
+    defaults = default_options()
     for group, what in GROUPS.items():
         options = group_options(group)
-        default = _DEFAULT_OPTION.get(group)
+        default = defaults.get(group)
         lines += [f"### `{group}`", "", what[0].upper() + what[1:] + ".", "", "| option | what it is |", "|---|---|"]
         for name, desc, command in options:
             label = f"`{name}`" + (" (default)" if name == default else "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clipexp.cli.train import config_groups
+from clipexp.config.reference import config_groups
 from clipexp.config.validate import CLIPFinetuningConfig, validate
 from clipexp.errors import ConfigError
 

@@ -11,9 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from processes import wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,17 +65,7 @@ def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metri
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.stdout.read()[-2000:]
-            assert time.time() < deadline, "clipexp ui did not start"
-            time.sleep(0.5)
+        wait_for_http(f"{base}/health", server, timeout=60, what="clipexp ui")
         exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke")["experiment"]
         assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
         assert exp["artifact_location"] == str(tmp_path.resolve() / "mlartifacts" / "smoke")

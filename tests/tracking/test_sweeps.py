@@ -7,12 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from processes import wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["experiment=smoke", "trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_steps=2"]
@@ -129,17 +129,7 @@ def test_mlflow_server_lists_parent_and_children(sweep):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.stderr.read()[-2000:]
-            assert time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+        wait_for_http(f"{base}/health", server, timeout=120, what="mlflow server")
 
         def post(path, body):
             req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
