@@ -27,6 +27,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from clipexp.errors import UserError
+
 Tensor = torch.Tensor
 
 #: The interpolations a run can resize with (``model.image_interpolation``). ``bicubic`` (the default)
@@ -59,7 +61,7 @@ def interpolation_of_resample(resample) -> str:
     return next((name for name, c in PIL_RESAMPLE.items() if c == code), RESIZE_INTERPOLATION)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image file cannot be used. ``reason`` completes "image 'x.jpg' ..." (e.g. "not found")."""
 
     def __init__(self, path: Union[str, Path], reason: str):

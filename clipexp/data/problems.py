@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from clipexp.errors import UserError
 
-class DataValidationError(ValueError):
+
+class DataValidationError(UserError, ValueError):
     """Rows of a data source are unusable. The message lists every problem, one per line.
 
     ``problems`` holds the :class:`Problem` records (empty when the error was re-raised from a

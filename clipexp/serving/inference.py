@@ -42,6 +42,7 @@ from clipexp.data.images import (
 from clipexp.data.normalize import PixelNormalizer
 from clipexp.data.text import DEFAULT_TEMPLATES
 from clipexp.data.transforms import ImageTransform
+from clipexp.errors import UserError
 from clipexp.evaluate import class_text_embeddings
 from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_features, text_features
 
@@ -51,7 +52,7 @@ TASKS = ("zero_shot", "embed", "similarity")
 MAX_LOGIT_SCALE = 100.0
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """A request the model cannot answer (unknown task, missing column, no classes). One line."""
 
 
@@ -145,7 +146,7 @@ class CLIPInference:
         model) the spec comes from the folder's processor and ``class_names``/``prompt_templates``. A folder with
         a ``SHA256SUMS`` manifest must match it (else :class:`InferenceError` naming the file)."""
         from clipexp.models.loading import load_clip
-        from clipexp.paths import folder_manifest_problem
+        from clipexp.files import folder_manifest_problem
 
         problem = folder_manifest_problem(Path(model_dir))  # SHA256SUMS, when the run wrote one
         if problem:
