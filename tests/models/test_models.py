@@ -42,7 +42,7 @@ def test_tiny_model_size_and_encoding(tiny_controller, rgb_images):
 def test_save_pretrained_round_trip_gives_identical_embeddings(tiny_controller, rgb_images, tmp_path):
     from transformers import CLIPModel
 
-    from clipexp.config.validate import CLIPFinetuningConfig
+    from clipexp.config.notes import CLIPFinetuningConfig
     from clipexp.models.loading import CLIPFinetuningController
 
     texts = ["a red square", "defect"]
