@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from clipexp.evaluate import class_text_embeddings, zero_shot_metrics
-from clipexp.heads import DEFAULT_HEADS, evaluate_heads, fit_heads, load_heads, split_exemplars
+from clipexp.heads import DEFAULT_HEADS, build_head, evaluate_heads, fit_heads, kshot_indices, load_heads, split_exemplars
 from clipexp.heads.calibration import expected_calibration_error
 from clipexp.heads.conformal import coverage
+from clipexp.heads.metrics import balanced_accuracy
 from clipexp.tracking.heads_plots import heads_figures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +78,32 @@ def test_the_zero_shot_head_agrees_with_the_trainers_zero_shot_metrics(run):
     zs = zero_shot_metrics(data["test"][0], data["test"][1], text)
     assert report.metrics["test/zero_shot/acc"] == zs["zeroshot_acc"]
     assert report.metrics["test/zero_shot/balanced_acc"] == pytest.approx(zs["zeroshot_balanced_acc"], abs=1e-6)
+
+
+def test_kshot_figures_are_heads_fitted_on_each_seeded_draw(run):
+    """The prototype's k-shot accuracies, recomputed draw by draw from the seeded indices."""
+    data, _, scale, report = run
+    (x, y), (tx, ty) = data["train"], data["test"]
+    for k in SHOTS:
+        expected = []
+        for draw in range(DRAWS):
+            idx = kshot_indices(y, k, seed=0, draw=draw)
+            head = build_head("prototype", 3, scale=scale).fit(x[idx], y[idx])
+            expected.append(balanced_accuracy(head.scores(tx).argmax(dim=1), ty, 3))
+        assert report.kshot["prototype"][k] == expected
+
+
+def test_sets_are_calibrated_on_the_probabilities_they_are_predicted_from(run):
+    """LAC in-sample: on the calibration split itself exactly ceil((n + 1)(1 - alpha)) of the n samples are
+    covered (continuous scores), which holds only if the thresholds came from the probabilities predict serves."""
+    data, text, scale, _ = run
+    heads = fit_heads(data["train"], data["val"], CLASSES, heads=["prototype", "linear", "tip"], class_text_embeds=text,
+                      logit_scale=scale, alpha=0.2, score="lac")
+    vx, vy = data["val"]
+    for head in heads.names:
+        assert heads.temperatures[head] != pytest.approx(1.0, abs=1e-3)  # the temperature matters here
+        cov, _, _ = coverage(heads.predict(vx, head).sets, vy)
+        assert cov * len(vy) == pytest.approx(math.ceil((len(vy) + 1) * 0.8)), head
 
 
 def test_saved_heads_predict_the_reports_test_figures(run, tmp_path):
