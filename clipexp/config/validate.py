@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 from clipexp.config.checks import check_monitor
 from clipexp.config.schema import RunConfig
 from clipexp.errors import ConfigError
+from clipexp.heads import check_options as check_eval_options
 from clipexp.models.clip import ArchitectureConfig
 from clipexp.names import (
     ACCUMULATION,
@@ -223,6 +224,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError("tracking.serve_file_root", root, "null (the served model reads no server files) or an existing folder "
                                                             "it may read images from")
     _check_robust(cfg)
+    if "eval" in cfg:  # the heads' options (clipexp.heads.check_options): eval.heads, shots, draws, conformal.*
+        check_eval_options(list(_get(cfg, "eval.heads")), list(_get(cfg, "eval.shots")), _get(cfg, "eval.draws"),
+                           _get(cfg, "eval.conformal.alpha"), _get(cfg, "eval.conformal.score"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -129,45 +129,45 @@ def evaluate_heads(train: Split, val: Optional[Split], test: Optional[Split], cl
     tr, va, te = labelled(train, c, "training"), labelled(val, c, "validation"), labelled(test, c, "test")
     va = va if va is not None and va[1].numel() else None
     te = te if te is not None and te[1].numel() else None
-    fitted: Dict[str, Any] = {"heads": {}, "temperatures": {}, "conformal": {}}
+    split, where = ("test", te) if te is not None else ("val", va)  # what the figures describe
+    fitted: Dict[str, HeadSet] = {}
     metrics: Dict[str, float] = {}
-    report = HeadsReport(metrics, None, alpha, "test" if te is not None else "val")  # type: ignore[arg-type]
+    kshot: Dict[str, Dict[int, List[float]]] = {}
+    reliability: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
+    tables: Dict[str, Dict[str, Any]] = {}
+    seconds: Dict[str, float] = {}
     for name in dict.fromkeys(heads):
         start = time.perf_counter()
-        one = fit_heads(tr, va, class_names, heads=[name], class_text_embeds=text_class_embeds, logit_scale=logit_scale,
-                        calibrate=calibrate, alpha=alpha, score=score, mondrian=mondrian, grids=grids)
-        report.seconds[name] = time.perf_counter() - start
-        head, temperature, conformal = one.heads[name], one.temperatures[name], one.conformal[name]
-        for part, value in (("heads", head), ("temperatures", temperature), ("conformal", conformal)):
-            fitted[part][name] = value
+        fitted[name] = fit_heads(tr, va, class_names, heads=[name], class_text_embeds=text_class_embeds, logit_scale=logit_scale,
+                                 calibrate=calibrate, alpha=alpha, score=score, mondrian=mondrian, grids=grids)
+        seconds[name] = time.perf_counter() - start
+        head, temperature, conformal = fitted[name].heads[name], fitted[name].temperatures[name], fitted[name].conformal[name]
         if va is not None:
             logits = head.scores(va[0])
             metrics.update(_accuracy_figures(f"val/{name}", logits, va[1], keys))
             metrics.update(_calibration(f"val/{name}", logits, va[1], None))
             metrics[f"val/{name}/temperature"] = temperature
-        metrics.update({f"val/{name}/chosen_{k}": float(v) for k, v in head.chosen.items()})
-        where = te if te is not None else va
+            metrics.update({f"val/{name}/chosen_{k}": float(v) for k, v in head.chosen.items()})
         if where is not None:
             logits = head.scores(where[0])
-            report.reliability[name] = {"uncalibrated": reliability_bins(probabilities(logits).double(), where[1]),
-                                        "calibrated": reliability_bins(probabilities(logits, temperature).double(), where[1])}
+            reliability[name] = {"uncalibrated": reliability_bins(probabilities(logits).double(), where[1]),
+                                 "calibrated": reliability_bins(probabilities(logits, temperature).double(), where[1])}
             if conformal is not None:
-                cov = _coverage(f"{report.split}/{name}", conformal.sets(probabilities(logits, temperature), alpha), where[1], keys)
-                report.coverage[name] = cov["table"]
-                if te is not None:
-                    metrics.update(cov["metrics"])
-        if te is not None:
-            logits = head.scores(te[0])
-            metrics.update(_accuracy_figures(f"test/{name}", logits, te[1], keys))
-            metrics.update(_calibration(f"test/{name}", logits, te[1], temperature))
+                cov = _coverage(f"{split}/{name}", conformal.sets(probabilities(logits, temperature), alpha), where[1], keys)
+                tables[name] = cov["table"]
+            if te is not None:
+                metrics.update(_accuracy_figures(f"test/{name}", logits, te[1], keys))
+                metrics.update(_calibration(f"test/{name}", logits, te[1], temperature))
+                metrics.update(cov["metrics"] if conformal is not None else {})
         if te is not None and shots and head.needs_training:
             start = time.perf_counter()
-            report.kshot[name] = _kshot(name, tr, va, te, class_names, text_class_embeds, logit_scale, shots, draws, seed, grids)
-            report.seconds[f"kshot/{name}"] = time.perf_counter() - start
-            for k, accs in report.kshot[name].items():
+            kshot[name] = _kshot(name, tr, va, te, class_names, text_class_embeds, logit_scale, shots, draws, seed, grids)
+            seconds[f"kshot/{name}"] = time.perf_counter() - start
+            for k, accs in kshot[name].items():
                 metrics[f"test/{name}/shots_{k}/balanced_acc_mean"] = float(np.mean(accs))
                 metrics[f"test/{name}/shots_{k}/balanced_acc_std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
-        log.info("heads: %s in %.2f s%s", name, report.seconds[name] + report.seconds.get(f"kshot/{name}", 0.0),
+        log.info("heads: %s in %.2f s%s", name, seconds[name] + seconds.get(f"kshot/{name}", 0.0),
                  "".join(f", {k}={v:g}" for k, v in head.chosen.items()))
-    report.heads = HeadSet(class_names, fitted["heads"], fitted["temperatures"], fitted["conformal"], alpha)
-    return report
+    head_set = HeadSet(class_names, {n: f.heads[n] for n, f in fitted.items()}, {n: f.temperatures[n] for n, f in fitted.items()},
+                       {n: f.conformal[n] for n, f in fitted.items()}, alpha)
+    return HeadsReport(metrics, head_set, alpha, split, kshot, reliability, tables, seconds)
