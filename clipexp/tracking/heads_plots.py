@@ -28,7 +28,7 @@ def _save(fig, path: Path) -> Path:
 def kshot_curve(report: HeadsReport, path: Path) -> Path:
     """Test balanced accuracy against shots per class (log axis), one line per head with a +-1 std band over
     the draws; heads fitted on the whole training split as dashed horizontal lines (zero-shot among them)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(report.heads.names):
         color = colors[i % len(colors)]
@@ -47,13 +47,13 @@ def kshot_curve(report: HeadsReport, path: Path) -> Path:
     ax.set_ylabel("test balanced accuracy")
     ax.set_title("k-shot heads (mean +- std over draws)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
 def reliability_diagram(report: HeadsReport, path: Path) -> Path:
     """Per head, accuracy against confidence in the 15 ECE bins, before and after temperature scaling (the
-    diagonal is perfect calibration), with the ECE of each in the legend."""
+    diagonal is perfect calibration; a marker's area is its bin's count), with the ECE of each in the legend."""
     names = [n for n in report.heads.names if n in report.reliability]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2 * max(1, len(names)), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -62,7 +62,9 @@ def reliability_diagram(report: HeadsReport, path: Path) -> Path:
             full = bins["count"] > 0
             ece = report.metrics.get(f"{report.split}/{name}/ece" + ("_uncalibrated" if kind == "uncalibrated" else ""))
             label = kind + (f" (ECE {ece:.3f})" if ece is not None else "")
-            ax.plot(bins["confidence"][full], bins["accuracy"][full], marker=marker, label=label)
+            line, = ax.plot(bins["confidence"][full], bins["accuracy"][full], linewidth=1, label=label)
+            area = 300.0 * bins["count"][full] / max(1.0, float(bins["count"].sum()))
+            ax.scatter(bins["confidence"][full], bins["accuracy"][full], s=area + 4, marker=marker, color=line.get_color())
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -80,13 +82,15 @@ def coverage_table(report: HeadsReport, path: Path) -> Path:
     columns = list(report.class_names) + ["all", "set size"]
     cells = [[f"{v:.3f}" if v == v else "-" for v in report.coverage[n]["per_class"]]
              + [f"{report.coverage[n]['coverage']:.3f}", f"{report.coverage[n]['set_size']:.2f}"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 0.9 + 0.35 * max(1, len(names))))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 0.5 + 0.22 * (1 + max(1, len(names)))))
     ax.axis("off")
     if cells:
         table = ax.table(cellText=cells, rowLabels=names, colLabels=columns, loc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(8)
-    ax.set_title(f"{report.split} coverage of the prediction sets (target {1 - report.alpha:.2f})", fontsize=9)
+    how = {(c.score, c.mondrian) for n in names if (c := report.heads.conformal.get(n)) is not None}
+    what = ", ".join(f"{score}{', per class' if mondrian else ''}" for score, mondrian in sorted(how))
+    ax.set_title(f"{report.split} coverage of the prediction sets ({what}; target {1 - report.alpha:.2f})", fontsize=9)
     return _save(fig, path)
 
 
