@@ -36,6 +36,8 @@ _EXPORTS = {
     "TemperatureScheduler": "clipexp.losses.temperature_scheduler",
     "build_loss": "clipexp.losses",
     "evaluate_retrieval": "clipexp.evaluate",
+    "evaluate_heads": "clipexp.heads",
+    "load_heads": "clipexp.heads",
     "Trainer": "clipexp.training.trainer",
     "train": "clipexp.training.trainer",
 }
