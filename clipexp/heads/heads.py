@@ -55,6 +55,10 @@ def embeddings(emb: Any, what: str = "embeddings") -> Tensor:
     emb = torch.as_tensor(emb).float()
     if emb.ndim != 2:
         raise HeadError(f"{what} must be a 2-D [N, D] array; got shape {tuple(emb.shape)}")
+    bad = (~torch.isfinite(emb).all(dim=1)).nonzero()
+    if len(bad):
+        raise HeadError(f"{what}: row {int(bad[0])} is not finite (NaN or inf; {len(bad)} rows in all): leave out "
+                        "the images that could not be read")
     return F.normalize(emb, dim=-1)
 
 

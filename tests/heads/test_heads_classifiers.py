@@ -127,3 +127,6 @@ def test_a_class_without_training_embeddings_is_one_line():
         build_head("knn", 2).fit(torch.eye(3), torch.tensor([0, 1, 2]))
     with pytest.raises(HeadError, match="needs the class prompt embeddings"):
         build_head("tip", 2)
+    head = build_head("prototype", 2, scale=1.0).fit(torch.eye(2), torch.tensor([0, 1]))
+    with pytest.raises(HeadError, match=r"embeddings: row 1 is not finite \(NaN or inf; 1 rows in all\)"):
+        head.scores(torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
