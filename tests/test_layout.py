@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipexp"
 LAYERS = [
     {"errors", "names", "paths", "files"},
     {"device"},
-    {"models", "data", "losses", "finetune"},  # the library
+    {"models", "data", "losses", "finetune", "heads"},  # the library
     {"evaluate"},
     {"config"},
     {"tracking"},

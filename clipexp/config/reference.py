@@ -33,6 +33,7 @@ GROUPS: Dict[str, str] = {
     "device": "where to train; precision auto = bf16 where supported",
     "trainer": "steps, batch, warm-up, evaluation, checkpoints (trainer.<key>=...)",
     "tracking": "MLflow on or off (tracking.uri, tracking.experiment, tracking.system_metrics)",
+    "eval": "heads on the image embeddings: few-shot classifiers, calibrated probabilities, prediction sets",
     "eval_data": "an extra evaluation-only set (e.g. what fine-tuning forgets)",
     "experiment": "presets that set several groups and keys at once",
     "hparams_search": "Optuna search over hyperparameters (with -m)",

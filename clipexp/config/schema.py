@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from clipexp.models.clip import ArchitectureConfig
+from clipexp.names import HEADS
 
 # --------------------------------------------------------------------------------------------------
 # Schemas (registered in Hydra's ConfigStore by ``register_configs``)
@@ -186,6 +187,26 @@ class TrackingConfig:
 
 
 @dataclass
+class ConformalConfig:
+    alpha: float = 0.1  # miscoverage: a prediction set holds the true class with probability >= 1 - alpha
+    score: str = "lac"  # lac: 1 - p (the smallest sets; can be empty) | aps: cumulative probability (adaptive; never empty)
+    mondrian: bool = False  # one threshold per class: 1 - alpha within every class, not only over all
+
+
+@dataclass
+class EvalConfig:
+    """Heads on the image embeddings (docs/heads.md): fitted on the training split, calibrated on val, measured
+    on val and test at the end of a run."""
+
+    heads: List[str] = field(default_factory=lambda: list(HEADS))  # zero_shot | prototype | knn | linear | tip
+    shots: List[int] = field(default_factory=list)  # k-shot protocol: examples per class, e.g. [1,2,4,8,16]; [] = off
+    draws: int = 5  # seeded k-shot draws per number of shots (mean +- std)
+    calibrate: bool = True  # temperature scaling per head, fitted on val by NLL
+    conformal: ConformalConfig = field(default_factory=ConformalConfig)
+    at_each_eval: bool = False  # also fit the heads and log val/<head>/... at every evaluation
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     domain: DomainConfig = field(default_factory=DomainConfig)
@@ -199,6 +220,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval_data: Optional[EvalDataConfig] = None  # eval_data=<option>: an extra evaluation-only data source
+    eval: EvalConfig = field(default_factory=EvalConfig)  # heads, calibration and prediction sets at the end of a run
     seed: int = 42  # seeds weights of built models, splits, order, augmentation
     optimized_metric: Optional[str] = None  # set by hparams_search presets (documentation only)
 
