@@ -13,7 +13,6 @@ reads it, and a ``<file>.sha256`` manifest beside it is checked on load.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -24,7 +23,7 @@ from torch import Tensor
 from clipexp.heads.calibration import fit_temperature, probabilities
 from clipexp.heads.conformal import SplitConformal, check_alpha
 from clipexp.heads.heads import Head, HeadError, build_head, class_labels, embeddings, head_from_state, head_names
-from clipexp.paths import checksum_problem, write_checksum
+from clipexp.files import atomic_write, checksum_problem, write_checksum
 
 FORMAT = "clipexp.heads/1"
 Split = Tuple[Any, Any]  # (embeddings [N, D], integer labels [N]; a label < 0 = unlabelled, left out)
@@ -126,14 +125,7 @@ class HeadSet:
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the set to ``path`` (atomically) and its ``.sha256`` manifest."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path = atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
         write_checksum(path)
         return path
 

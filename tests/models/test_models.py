@@ -10,7 +10,8 @@ import pytest
 import torch
 from numerics import assert_all_close, assert_close, eps_times
 
-from clipexp.models.clip import ModelLoadError, build_tokenizer
+from clipexp.errors import ModelLoadError
+from clipexp.models.clip import build_tokenizer
 from clipexp.models.loading import load_clip
 
 
