@@ -230,7 +230,7 @@ def clipexp_setup(args, images_on_disk: bool = False) -> SimpleNamespace:
     from clipexp.config.compose import compose as compose_and_validate
     from clipexp.data.dataloader import collate_fn
     from clipexp.device import build_device
-    from clipexp.models.training import build_training_model
+    from clipexp.models.levers import build_training_model
     from clipexp.training.checkpoint import seed_everything
     from clipexp.training.data import build_data
 
@@ -293,7 +293,7 @@ def measure_clipexp(args, extra: tuple = ()) -> Dict[str, Any]:
         "history_samples_per_s": (len(hist) / sum(1 / v for v in hist)) if hist else None,
         "threads": threads, "workers": trainer.train_loader.num_workers,
         "cache": getattr(trainer.data.cache, "mode", "none") if trainer.data.cache is not None else "none",
-        "train_pairs": len(trainer.data.train), "precision": trainer.dev.precision, **mem.result(),
+        "train_pairs": len(trainer.data.train), "precision": trainer.device_info.precision, **mem.result(),
     }
     if args.device == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -307,15 +307,14 @@ def measure_clipexp(args, extra: tuple = ()) -> Dict[str, Any]:
 
 def measure_bare(args) -> Dict[str, Any]:
     import torch
-    from omegaconf import OmegaConf
-
-    from clipexp.losses import build_loss
+    from hydra.utils import instantiate
     from clipexp.models.clip import image_features, text_features
     from clipexp.training.data import DeviceBatches, text_has_dropout
     from clipexp.training.optim import build_optimizer, trainable_parameters
 
     if args.measure == "b1" and args.device == "cpu":  # the compute threads the trainer keeps for itself on CPU
-        from clipexp.training.data import default_train_threads, default_train_workers
+        from clipexp.data.dataloader import default_num_workers as default_train_workers
+        from clipexp.training.data import default_train_threads
 
         cores = os.cpu_count() or 1
         workers = args.workers if args.workers is not None else default_train_workers(cores, "cpu")
@@ -325,8 +324,7 @@ def measure_bare(args) -> Dict[str, Any]:
     with MemoryWatch() as mem:
         run = clipexp_setup(args, images_on_disk=True)
         cfg, dev, model, train = run.cfg, run.dev, run.model.train(), run.data.train
-        loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
-        loss_fn = build_loss(loss_cfg["name"], **loss_cfg).to(run.device)
+        loss_fn = instantiate(cfg.loss, _convert_="all").to(run.device)  # as the trainer builds it
         t = cfg.trainer
         optimizer, scaler = build_optimizer(t, model, loss_fn, dev.type, dev.use_grad_scaler)
         # one real training batch (augmented items, packed captions), moved to the device once, as the trainer moves it

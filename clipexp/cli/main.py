@@ -4,7 +4,7 @@ Commands: ``train`` (Hydra overrides, ``-m`` sweeps: :mod:`clipexp.cli.train`), 
 (:mod:`clipexp.serving.predict`), ``export`` (a run's outputs from its checkpoints), ``replay`` (held MLflow writes),
 ``upgrade`` (older checkpoints) and ``ui`` (the MLflow UI on a run's store). Arguments that start with no command name are ``train``'s, so
 ``python -m clipexp experiment=smoke`` and ``clipexp experiment=smoke`` still train; ``python -m clipexp`` alone
-trains the defaults as it always did, while the ``clipexp`` script alone prints the short help.
+trains the defaults, while the ``clipexp`` script alone prints the short help.
 """
 
 from __future__ import annotations

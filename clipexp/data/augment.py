@@ -6,9 +6,8 @@ the image around the crop where there is any, black only outside the image). Bri
 saturation are linear in the pixel values, so the three are one 3x4 colour matrix, applied by
 ``cv2.transform`` with uint8 saturation (clamping once, at the end, where torchvision clamps after each
 of the three, in a random order: the two agree except for pixels pushed past white or black midway).
-(A uint8 image is warped as RGBA: OpenCV vectorises the 4-channel warp only.) At 224 px this costs
-~0.3 ms per image (the warp 0.12 ms of it) against ~3 ms for the same policy in torchvision.transforms.v2
-(measured on the 2-core dev box; see ``benchmarks/throughput.py``). A crop more than 4/3 larger than R
+(A uint8 image is warped as RGBA: OpenCV vectorises the 4-channel warp only.) One warp and one matrix cost a
+tenth of the same policy in torchvision.transforms.v2 (``benchmarks/throughput.py``). A crop more than 4/3 larger than R
 along a side (wide or tall images) is first shrunk with ``INTER_AREA``, the anti-aliased reduction.
 With ``interpolation="nearest"`` (``model.image_interpolation``) the warp and that shrink are
 ``INTER_NEAREST`` instead: every output pixel is a source pixel, so fine texture is not averaged away.
@@ -143,8 +142,7 @@ def warp(src: np.ndarray, p: AugmentParams, r: int, interpolation: str = "bicubi
     m = (rot @ flip @ scale)[:2]
     if src.dtype == np.uint8 and src.ndim == 3 and src.shape[2] == 3:
         # OpenCV's bilinear warp has a SIMD path for 4-channel uint8 and none for 3: padding to RGBA,
-        # warping and dropping the pad is 2.5x faster (224 px: 0.10 + 0.01 ms against 0.24 ms),
-        # with bit-identical RGB (each channel is interpolated on its own)
+        # warping and dropping the pad is faster, with bit-identical RGB (each channel is interpolated on its own)
         out = cv2.warpAffine(cv2.cvtColor(src, cv2.COLOR_RGB2RGBA), m, (r, r), flags=flags,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
         return cv2.cvtColor(out, cv2.COLOR_RGBA2RGB)

@@ -39,9 +39,8 @@ def collate_fn(items: List[Dict[str, Any]]) -> Dict[str, Any]:
 def _stack(values: List[torch.Tensor]) -> torch.Tensor:
     """``torch.stack``, keeping channels-last images (``[C, H, W]`` with ``[H, W, C]`` memory, as clipexp's
     transforms return them) channels-last: a straight copy into a ``[B, C, H, W]`` batch with
-    ``torch.channels_last`` memory, where stacking into standard layout would transpose every image
-    (64 x 3 x 224 x 224 uint8 on the 2-core dev box: 0.7 ms against 3.1 ms; the normaliser's float
-    copy then reads the channels-last batch, 1.2 ms slower, and on a GPU transposes for free)."""
+    ``torch.channels_last`` memory, where stacking into standard layout would transpose every image (the
+    normaliser's float copy then reads the channels-last batch, and on a GPU transposes for free)."""
     first = values[0]
     if first.dim() == 3 and first.shape[0] > 1 and first.permute(1, 2, 0).is_contiguous():
         return torch.stack([v.permute(1, 2, 0) for v in values]).permute(0, 3, 1, 2)

@@ -61,9 +61,8 @@ def main_process_single_thread():
     which PyTorch already sets to one thread).
 
     Per-item work (crop, flip, rotate, stack a batch) is a handful of small memory-bound tensor ops:
-    intra-op threads cost more in synchronisation than they save, and on a busy 2-core machine
-    torch.stack of a 64x3x224x224 batch took 60x longer on 2 threads than on 1 (measured).
-    Toggling ``torch.set_num_threads`` costs under a microsecond.
+    intra-op threads cost more in synchronisation than they save (docs/memory-and-speed.md), and toggling
+    ``torch.set_num_threads`` costs next to nothing.
     """
     threads = torch.get_num_threads()
     if threads <= 1 or get_worker_info() is not None:

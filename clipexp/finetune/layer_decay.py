@@ -10,7 +10,7 @@ so a ``peft`` LoRA wrapper (``base_model.model.vision_model...``) gets the same 
 
 Every group carries ``lr_scale`` (its rate divided by the base rate): a schedule sets
 ``group["lr"] = lr_at(step) * group["lr_scale"]``, so warmup and decay apply to all groups alike.
-Weight decay is off for norms, biases, embeddings and temperatures, as before.
+Weight decay is off for norms, biases, embeddings and temperatures.
 """
 
 from __future__ import annotations

@@ -121,9 +121,9 @@ class CLIPFinetuningController:
 
     def setup(self) -> "CLIPFinetuningController":
         name = None if self.config.model_name in (None, "tiny") else self.config.model_name
-        self.model, self.processor = load_clip(
-            name, self.architecture, self.config.image_resolution, self.config.max_sequence_length
-        )
+        self.model, self.processor = load_clip(  # the loader the trainer uses (load_training_model)
+            name, self.architecture, self.config.image_resolution, self.config.max_sequence_length,
+            image_interpolation=getattr(self.config, "image_interpolation", "bicubic"))
         self.model.to(self.device)
         self.device_manager.log_device_info()
         log.info("model %s: %.2fM parameters on %s", name or "built", count_parameters(self.model) / 1e6, self.device)

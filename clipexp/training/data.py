@@ -67,10 +67,8 @@ def default_train_threads(cores: int, workers: int) -> int:
 
     Below 4 cores the step keeps every core, and a worker (``data.num_workers=1``) shares them: its
     augmentation fills the gaps the step leaves (serial Python and launch work) and takes the data off
-    the step's path. Measured on 2 cores (small CLIP, 224 px, batch 64, industrial augmentation), five
-    paired runs on a busy host: 1 worker + 2 threads 78-102 samples/s against 68-90 for items built in
-    the main process, better in 4 of 5 pairs; 1 worker + 1 thread was worst (39 against 56). From 4
-    cores the workers get cores of their own (unmeasured here: no such machine)."""
+    the step's path (docs/memory-and-speed.md has the measurements). From 4 cores the workers get cores of
+    their own."""
     return max(1, cores if cores < 4 else cores - workers)
 
 

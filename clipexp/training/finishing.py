@@ -35,6 +35,7 @@ class RunOutputs:
     best_value: Optional[float]
     best_step: Optional[int]
     steps: int                              # optimizer steps taken
+    tested_step: int                        # the step of the weights tested and saved (the best checkpoint's)
     result: Optional[Dict[str, Any]]        # the last evaluation with the best weights (metrics, confusion, embeddings)
     split: Optional[str]                    # its split: test, or val without a test split
     dataset: Any                            # that split's dataset (captions for the heatmap)
@@ -67,7 +68,7 @@ def write_run_outputs(run: RunOutputs, model: Any, processor: Any, loss_fn: Any,
                    "steps": run.steps}
 
         def publish(model_dir: Path) -> None:  # clipexp_inference.json, SHA256SUMS, test_split.csv, the pyfunc model
-            publish_model(tracker, model_dir, cfg, class_names=run.class_names, loss_fn=loss_fn, model=model, step=run.steps,
+            publish_model(tracker, model_dir, cfg, class_names=run.class_names, loss_fn=loss_fn, model=model, step=run.tested_step,
                           best_value=run.best_value, eval_batch_size=run.eval_batch_size, test_pairs=run.test_pairs)
 
         write_outputs(out, cfg, summary, model, processor, tracker, run.hydra_dir, publish=publish)

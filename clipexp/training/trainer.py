@@ -86,8 +86,8 @@ class Trainer:
         quiet_transformers()
         self.dist = distributed.init_distributed(cfg.device.type, t.dist_timeout_s)  # single process: no-op
         checkpoint.seed_everything(cfg.seed)
-        self.devices = build_device(cfg.device, distributed=self.dist.enabled)
-        self.device, self.device_info = self.devices.device, self.devices.info
+        devices = build_device(cfg.device, distributed=self.dist.enabled)
+        self.device, self.device_info = devices.device, devices.info  # the torch.device; its type, name, precision, autocast
         if self.dist.enabled:
             log.info("distributed: %s", self.dist.describe())
 
@@ -486,10 +486,12 @@ class Trainer:
         """
         t = self.cfg.trainer
         best = self.ckpt_dir / checkpoint.BEST
+        self.tested_step = self.global_step  # the step of the weights the test evaluates: test/* are logged there
         if self.dist.broadcast(best.is_file()):  # (rank 0 wrote it; the broadcast also waits for that)
             state = checkpoint.load_checkpoint(best, map_location=self.device)
             load_saved_weights(self.model, state["model"])
             self.loss_fn.load_state_dict(state["loss_fn"])
+            self.tested_step = int(state["step"])
             log.info("test evaluation uses the best checkpoint (%s=%.4f at step %d)", state["monitor"], state["value"], state["step"])
         self.model = self.evaluator.model = merge_lora(self.model)  # LoRA: merged into plain weights
         wise = None
@@ -502,7 +504,7 @@ class Trainer:
         split = "test" if self.data.test is not None else "val" if self.data.val is not None else None
         result = self.compute_metrics(split) if split is not None else None
         if result is not None and split == "test":
-            self._log(result["metrics"])
+            self._log(result["metrics"], step=self.tested_step)
             self.results["test"] = dict(result["metrics"])
         if self.dist.is_main:  # a full disk keeps the checkpoints (finishing.py)
             write_run_outputs(self._run_outputs(result, split, wise), self.model, self.processor, self.loss_fn, self.tracker)
@@ -510,16 +512,19 @@ class Trainer:
     def _run_outputs(self, result: Optional[Dict[str, Any]], split: Optional[str], wise: Optional[Dict[str, Any]]) -> RunOutputs:
         return RunOutputs(
             output_dir=self.output_dir, cfg=self.cfg, hydra_dir=self.hydra_dir, results=self.results, history=self.history,
-            best_value=self.best_value, best_step=self.best_step, steps=self.global_step, result=result, split=split,
+            best_value=self.best_value, best_step=self.best_step, steps=self.global_step, tested_step=self.tested_step,
+            result=result, split=split,
             dataset=getattr(self.data, split) if split else None, class_names=list(self.data.class_names), wise=wise,
             retention=self.extra_eval[0] if self.extra_eval else None, eval_batch_size=self.eval_batch_size,
             test_pairs=getattr(self.data.test, "pairs", None), best_checkpoint=self.ckpt_dir / checkpoint.BEST,
             last_checkpoint=self.last_checkpoint)
 
-    def _log(self, metrics: Dict[str, float]) -> None:
+    def _log(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
+        """Log ``metrics`` at ``step`` (default: the current step; test metrics: the step of the weights tested)."""
+        step = self.global_step if step is None else step
         for k, v in metrics.items():
-            self.history.setdefault(k, []).append((self.global_step, float(v)))
-        self.tracker.log_metrics(metrics, step=self.global_step)
+            self.history.setdefault(k, []).append((step, float(v)))
+        self.tracker.log_metrics(metrics, step=step)
 
     def cleanup(self, status: Optional[str] = None) -> None:
         stop_workers(getattr(self, "train_loader", None))
