@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from clipexp.errors import UserError
 
-class DataValidationError(ValueError):
-    """Rows of a data source are unusable. The message lists every problem, one per line.
+
+class DataValidationError(UserError, ValueError):
+    """Rows of a data source are unusable. The message lists every problem, one per line (a report: the
+    one exception to a :class:`~clipexp.errors.UserError`'s one line, so that every bad row is named at once).
 
     ``problems`` holds the :class:`Problem` records (empty when the error was re-raised from a
     DataLoader worker, which keeps only the message).
