@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from clipexp.data.images import (
 from clipexp.data.normalize import PixelNormalizer
 from clipexp.data.text import DEFAULT_TEMPLATES
 from clipexp.data.transforms import ImageTransform
+from clipexp.errors import UserError
 from clipexp.evaluate import class_text_embeddings
 from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_features, text_features
 
@@ -51,7 +53,7 @@ TASKS = ("zero_shot", "embed", "similarity")
 MAX_LOGIT_SCALE = 100.0
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """A request the model cannot answer (unknown task, missing column, no classes). One line."""
 
 
@@ -83,6 +85,23 @@ class InferenceSpec:
             return None
         data = json.loads(path.read_text())
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+#: the spec's keys that change an image's embedding (with the weights): what a model fingerprint covers
+IMAGE_PIPELINE = ("image_resolution", "image_interpolation", "image_mean", "image_std")
+
+
+def model_fingerprint(model: torch.nn.Module, spec: InferenceSpec) -> str:
+    """The sha256 (hex) of what makes an image's embedding: every tensor of ``model.state_dict()`` (name,
+    dtype, shape and bytes) and the spec's image pipeline (:data:`IMAGE_PIPELINE`). The same weights
+    loaded from any folder, run or registry give the same fingerprint; one changed value gives another."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(t.view(torch.uint8).numpy()))
+    digest.update(json.dumps({k: getattr(spec, k) for k in IMAGE_PIPELINE}, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def zero_shot_temperature(loss_fn: Any, model: Any) -> float:
@@ -136,6 +155,15 @@ class CLIPInference:
                                         interpolation=spec.image_interpolation)
         self.normalize = PixelNormalizer(spec.image_mean, spec.image_std)
         self._class_embeds: Optional[torch.Tensor] = None
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of this model and spec (computed once): ``embed`` writes it into its files and
+        ``search`` compares it."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model, self.spec)
+        return self._fingerprint
 
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, Path], device: str = "auto", precision: str = "auto",
