@@ -8,6 +8,7 @@ reported by file line: the header is line 1 of a CSV, a JSON item is reported by
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -73,10 +74,15 @@ def read_csv(
     ii, ci, li = _csv_columns(path, header, delimiter, image_column, caption_column, label_column)
     root = path.parent
 
-    def is_row(line: str) -> bool:  # a line that names an image is a row of its own, not a caption's next line
-        cells = first_cells(line, delimiter)
-        raw = cells[ii].strip() if ii < len(cells) else ""
-        return bool(raw) and (raw.lower().endswith(IMAGE_EXTENSIONS) or resolve_image(raw, root).is_file())
+    def is_row(line: str) -> bool:
+        """A line that names an image is a row of its own, not a caption's next line: its image cell read by the
+        CSV rules, or split plainly (a row that opens a quote of its own: '"a.jpg,caption')."""
+        cells, plain = first_cells(line, delimiter), line.split(delimiter)
+        for raw in (cells[ii] if ii < len(cells) else "", plain[ii].strip().strip('"') if ii < len(plain) else ""):
+            raw = raw.strip()
+            if raw and (raw.lower().endswith(IMAGE_EXTENSIONS) or resolve_image(raw, root).is_file()):
+                return True
+        return False
 
     cands: List[Candidate] = []
     try:
@@ -135,7 +141,7 @@ def _extra_fields(row: Sequence[str], n_header: int, ci: int, delimiter: str) ->
     if delimiter == "\t":
         return message + "tab"
     caption = ",".join(row[ci:ci + len(row) - n_header + 1]).strip()
-    return message + f'comma, e.g. "{caption}"'
+    return message + "comma" + (f', e.g. "{caption}"' if caption.strip(",") else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +235,8 @@ def read_json(
     label_column: Optional[str] = "label",
     **opts: Any,
 ) -> Result:
-    """JSON list of objects (or ``{"data": [...]}``); each item reported by the line it starts on.
+    """JSON list of objects (or ``{"data": [...]}``); each item reported by the line it starts on (and its
+    1-based place in the list, ``file:1 (item 7)``, where a line holds several items).
 
     Keys: the image under ``image_column`` or the first of ``image``, ``image_path``, ``file_name``,
     ``filename``, ``path``; the caption(s) under ``caption_column`` or ``captions`` (a list),
@@ -248,8 +255,10 @@ def read_json(
     image_keys = tuple(dict.fromkeys(([image_column] if image_column else []) + list(JSON_IMAGE_KEYS)))
     caption_keys = tuple(dict.fromkeys(([caption_column] if caption_column else []) + list(JSON_CAPTION_KEYS)))
     cands: List[Candidate] = []
+    per_line = Counter(line for _, line in items)
     for n, (obj, line) in enumerate(items):
-        where = f"{path}:{line}"
+        # a line holding several items (minified JSON) names each by its place in the list too
+        where = f"{path}:{line}" if per_line[line] == 1 else f"{path}:{line} (item {n + 1})"
         if not isinstance(obj, dict):
             cands.append(Candidate(n, where, None, None, [], None,
                                    [f'expected an object like {{"image": ..., "caption": ...}}, got {type(obj).__name__}']))
