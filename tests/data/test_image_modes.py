@@ -153,3 +153,13 @@ def test_images_without_a_declared_range_say_once_how_they_were_read(tmp_path, c
         "0-1 (its largest value, 1, fits it); every such image is read by the smallest of 0-1, 0-255 and 0-65535 "
         "that holds its values, else by its own largest value (save 8- or 16-bit data as 8- or 16-bit files to fix the range)",
     ]
+
+
+def test_a_mode_pil_cannot_convert_is_a_row_error_naming_it():
+    from clipexp.data.images import ImageDecodeError, pil_to_rgb
+
+    with pytest.raises(ImageDecodeError) as exc:
+        pil_to_rgb(Image.new("La", (4, 4)), "odd.tif")
+    message = str(exc.value)  # PIL's reason in the brackets
+    assert message.startswith("image 'odd.tif' has image mode La, which cannot be converted to RGB (") and \
+        message.endswith("); save it as RGB") and len(message.splitlines()) == 1

@@ -195,3 +195,14 @@ def _exts():
     from clipexp.data.pairs import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS
+
+
+@pytest.mark.slow  # a fresh `python -m clipexp` (torch, transformers, Hydra): 29 s on the shared 2-core box
+def test_the_cli_stops_on_the_unclosed_quote_with_its_line_before_any_mlflow_run(tmp_path, make_img, run_cli):
+    csv = _textile_like_csv(tmp_path / "data", make_img)
+    res = run_cli("model=tiny", "data=csv", f"data.path={csv}", "trainer.max_steps=2", timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-2:] == [
+        f'clipexp: error: 1 problem in {csv} (fix these rows, or set on_error="skip" / data.on_error=skip to drop them)',
+        f"  {csv}:33: {UNCLOSED}"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
