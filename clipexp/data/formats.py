@@ -66,7 +66,12 @@ def read_csv(
     check_on_error(opts.get("on_error", "raise"))
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     lines = split_lines(read_text(path))
-    header_rec = next(read_records(lines, 0, delimiter, lambda line: False), None)
+    try:
+        header_rec = next(read_records(lines, 0, delimiter, lambda line: False), None)
+    except CSVSyntaxError as err:
+        raise one_problem(path, f"{path}:1", f"unreadable CSV header ({err})") from None
+    if header_rec is not None and header_rec.problem:
+        raise one_problem(path, f"{path}:1", f"unreadable CSV header: {header_rec.problem}")
     if header_rec is None or not header_rec.cells:
         raise one_problem(path, f"{path}:1", "empty file: expected a header row with columns "
                     f"'{image_column}' and '{caption_column}'")

@@ -127,6 +127,24 @@ def test_a_header_naming_the_image_or_caption_column_twice_is_one_line(tmp_path)
         f"  {csv}:1: column 'caption' appears 2 times in the header (columns 2, 3); rename the others"]
 
 
+def test_a_header_with_an_unclosed_quote_or_a_huge_field_is_one_line(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text('image_path,"caption\na.jpg,a cat\n')
+    with pytest.raises(DataValidationError) as exc:
+        DatasetLoader.from_csv(csv)
+    assert str(exc.value).splitlines()[1:] == [
+        f"  {csv}:1: unreadable CSV header: a quote opened here is never closed (the file ends inside it); close the quote, "
+        'or write a quote inside a quoted field as ""']
+    csv.write_text("image_path,caption," + "x" * 200_000 + "\na.jpg,a cat\n")  # over csv's field size limit
+    with pytest.raises(DataValidationError) as exc:
+        DatasetLoader.from_csv(csv)
+    assert str(exc.value).splitlines()[1:] == [f"  {csv}:1: unreadable CSV header (field larger than field limit (131072))"]
+    csv.write_text("image_path,caption\na.jpg,a cat\nb.jpg," + "x" * 200_000 + "\n")
+    with pytest.raises(DataValidationError) as exc:
+        DatasetLoader.from_csv(csv)
+    assert str(exc.value).splitlines()[1:] == [f"  {csv}:3: unreadable CSV (field larger than field limit (131072))"]
+
+
 # --------------------------------------------------------------------------------------------- JSON
 
 
