@@ -25,13 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from clipexp.serving.embeddings import (  # noqa: F401 - load_embeddings, PredictError: this module's API
-    EMBEDDING_SUFFIXES,
-    PredictError,
-    load_embeddings,
-    read_embeddings,
-    write_embeddings,
-)
+from clipexp.serving.embeddings import EMBEDDING_SUFFIXES, PredictError, read_embeddings, write_embeddings
 
 PROG = "clipexp.serving.predict"
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from clipexp.errors import UserError
-from clipexp.serving.embeddings import read_embeddings
-from clipexp.serving.predict import PredictError, main
+from clipexp.serving.embeddings import PredictError, read_embeddings
+from clipexp.serving.predict import main
 
 RES = 32
 
