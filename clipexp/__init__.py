@@ -1,7 +1,7 @@
 """clipexp: Hydra-configured experiments for fine-tuning CLIP on specialised domains.
 
-The public API (the original design notes' names) is importable from here; submodules load lazily so
-``import clipexp`` stays fast and light.
+The public API (the original design notes' names, the trainer, the config composer and the errors) is importable
+from here; submodules load lazily so ``import clipexp`` stays fast and light.
 """
 
 from importlib import import_module
@@ -9,14 +9,16 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CLIPFinetuningConfig": "clipexp.config.validate",
+    "CLIPFinetuningConfig": "clipexp.config.notes",
+    "UserError": "clipexp.errors",
     "ConfigError": "clipexp.errors",
     "RunConfig": "clipexp.config.schema",
+    "compose": "clipexp.config.compose",
     "validate": "clipexp.config.validate",
     "DeviceManager": "clipexp.device",
-    "DeviceError": "clipexp.device",
+    "DeviceError": "clipexp.errors",
     "CLIPFinetuningController": "clipexp.models.loading",
-    "ModelLoadError": "clipexp.models.clip",
+    "ModelLoadError": "clipexp.errors",
     "load_clip": "clipexp.models.loading",
     "DatasetLoader": "clipexp.data.loaders",
     "DataValidationError": "clipexp.data.problems",
@@ -34,7 +36,6 @@ _EXPORTS = {
     "MultiScaleLoss": "clipexp.losses.multi_scale",
     "SigLIPLoss": "clipexp.losses.siglip",
     "TemperatureScheduler": "clipexp.losses.temperature_scheduler",
-    "build_loss": "clipexp.losses",
     "evaluate_retrieval": "clipexp.evaluate",
     "Trainer": "clipexp.training.trainer",
     "train": "clipexp.training.trainer",

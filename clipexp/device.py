@@ -10,13 +10,11 @@ from typing import Any, Optional
 
 import torch
 
+from clipexp.errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class DeviceError(RuntimeError):
-    """The requested device is not available here. One line, with what to do instead."""
 
 
 def is_apple_silicon() -> bool:

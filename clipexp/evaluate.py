@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
+from clipexp.data.dataloader import build_loader
 from clipexp.models.clip import image_features, text_features
 
 RECALL_KS = (1, 5, 10)
@@ -140,7 +140,7 @@ class Evaluator:
         n, size = len(dataset), self.batch_size
         batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
         mine = self.dist.shard(len(batches))
-        loader = DataLoader(dataset, batch_sampler=[batches[i] for i in mine], collate_fn=self.collate, num_workers=0)
+        loader = build_loader(dataset, batch_sampler=[batches[i] for i in mine], collate=self.collate)
         parts = []
         for index, batch in zip(mine, loader):
             b = self.prepare(batch)

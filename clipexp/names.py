@@ -2,7 +2,6 @@
 :func:`clipexp.config.validate.validate` checks the run config against the same lists."""
 
 DOMAINS = ("general", "medical", "industrial", "scientific")
-LOSSES = ("contrastive", "hard_negative", "domain_specific", "multi_scale", "siglip")
 MINING_STRATEGIES = ("semi-hard", "hard", "weighted")
 SCHEDULES = ("constant", "warmup", "cosine", "exponential", "adaptive")
 DEVICES = ("auto", "cpu", "cuda", "mps")

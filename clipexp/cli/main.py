@@ -1,8 +1,8 @@
 """``clipexp <command>``: the one command line (the ``clipexp`` console script and ``python -m clipexp``).
 
 Commands: ``train`` (Hydra overrides, ``-m`` sweeps: :mod:`clipexp.cli.train`), ``predict``
-(:mod:`clipexp.serving.predict`), ``replay`` (held MLflow writes), ``upgrade`` (older checkpoints) and ``ui``
-(the MLflow UI on a run's store). Arguments that start with no command name are ``train``'s, so
+(:mod:`clipexp.serving.predict`), ``export`` (a run's outputs from its checkpoints), ``replay`` (held MLflow writes),
+``upgrade`` (older checkpoints) and ``ui`` (the MLflow UI on a run's store). Arguments that start with no command name are ``train``'s, so
 ``python -m clipexp experiment=smoke`` and ``clipexp experiment=smoke`` still train; ``python -m clipexp`` alone
 trains the defaults as it always did, while the ``clipexp`` script alone prints the short help.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from clipexp.cli.help import short_help
+from clipexp.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -57,7 +58,6 @@ def upgrade(argv: List[str]) -> int:
                                                                    "clipexp upgrade outputs/*/*/checkpoints/*.pt"])
     p.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT")
     args = p.parse_args(argv)
-    from clipexp.training.checkpoint import CheckpointError
     from clipexp.training.checkpoint import upgrade as upgrade_checkpoint
 
     for path in args.checkpoints:
@@ -65,8 +65,32 @@ def upgrade(argv: List[str]) -> int:
             return _fail(f"{path}: no such checkpoint file")
         try:
             print(f"upgraded {path} (the original is {upgrade_checkpoint(path)})")
-        except CheckpointError as err:
+        except UserError as err:
             return _fail(str(err))
+    return 0
+
+
+def export(argv: List[str]) -> int:
+    p = _parser("export", "Write a finished run's outputs (plots, metrics.json, model/, the MLflow model) from its checkpoints, "
+                "without training: what a run that could not write them at its end (a full disk) names.",
+                ["clipexp export outputs/2026-01-31/12-00-00-000000",
+                 "clipexp export outputs/<date>/<time> tracking.uri=sqlite:////data/mlflow.db"])
+    p.add_argument("run_dir", type=Path, help="the run folder (outputs/<date>/<time>), with checkpoints/")
+    p.add_argument("overrides", nargs="*", help="key=value on top of the checkpoint's config (where it logs, not what it computed)")
+    args = p.parse_args(argv)
+    import logging
+
+    from clipexp.tracking.outputs import summary_table
+    from clipexp.training.finishing import export as export_run
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        results = export_run(args.run_dir, args.overrides)
+    except UserError as err:
+        return _fail(str(err))
+    print(summary_table(results))
+    print(f"outputs: {args.run_dir}\nmodel:   {args.run_dir / 'model'}\nmetrics: {args.run_dir / 'metrics.json'}")
     return 0
 
 
@@ -130,7 +154,7 @@ def train(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "predict": predict, "replay": replay, "upgrade": upgrade, "ui": ui}
+COMMANDS = {"train": train, "predict": predict, "export": export, "replay": replay, "upgrade": upgrade, "ui": ui}
 
 
 def main(argv: Optional[List[str]] = None, bare: str = "help") -> None:

@@ -21,98 +21,70 @@ import sys
 from typing import List, Optional
 
 from clipexp.cli.help import short_help
-from clipexp.config.checks import check_override_keys, check_paths
-from clipexp.config.reference import config_groups
+from clipexp.config.compose import check_command_line, compose
 from clipexp.config.schema import register_configs
-from clipexp.config.validate import validate
-from clipexp.errors import ConfigError
+from clipexp.errors import UserError
 from clipexp.paths import CONF_DIR
 
 EXIT_USAGE = 2
 
 
-class UsageError(ConfigError):
-    """A command-line problem found while composing (message is already one line)."""
-
-    def __init__(self, message: str):
-        ValueError.__init__(self, message)
-
-
-def _first_lines(err: BaseException) -> str:
-    parts: List[str] = []
-    while err is not None:
-        line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if line and "$" not in line and line not in parts:
-            parts.append(line)
-        err = err.__cause__ or err.__context__
-    return ": ".join(parts)
-
-
-def check_group_options(overrides: List[str]) -> None:
-    """Every ``group=option`` (sweeps included) must name an existing file in that group."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as err:  # noqa: BLE001 - Hydra's grammar errors; reported as one line
-        raise UsageError(f"cannot parse the overrides: {_first_lines(err)}") from None
-    groups = config_groups()
-    for ov in parsed:
-        group = ov.key_or_group.lstrip("+~")
-        if group not in groups or ov.is_delete():
-            continue
-        value = ov.value()
-        values = value.list if isinstance(value, ChoiceSweep) else [value]
-        for v in values:
-            if v is not None and str(v) not in groups[group]:
-                raise ConfigError(group, str(v), "one of " + ", ".join(groups[group]))
-
-
-def compose_and_validate(overrides: List[str]):
-    """Compose the run config as Hydra will and validate it; raise ConfigError on the first problem."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[o for o in overrides if not o.lstrip("+~").startswith("hydra")])
-    except Exception as err:  # noqa: BLE001 - composition errors become one line
-        optional = next((o.split("=", 1)[0] for o in overrides if o.startswith("eval_data.")), None)
-        if optional and not any(o.startswith("eval_data=") for o in overrides):
-            raise UsageError(f"{optional}: there is no eval_data section to set; choose one first, e.g. eval_data=csv "
-                             f"(one of {', '.join(config_groups()['eval_data'])})") from None
-        raise UsageError(_first_lines(err)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    try:
-        validate(cfg)
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - e.g. a missing mandatory value or a bad interpolation
-        raise UsageError(_first_lines(err)) from None
-    return cfg
-
-
 def preflight(argv: List[str]):
     """Check the command line; return the composed run config (None for help, --cfg/--info, sweeps)."""
     from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion:
         return None
-    check_group_options(args.overrides)
-    check_override_keys(args.overrides, groups=list(config_groups()))
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     sweeping = args.multirun or any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(args.overrides))
-    if not sweeping and not args.cfg and not args.info:
-        cfg = compose_and_validate(args.overrides)
-        check_paths(cfg)  # the files it reads exist (not in compose_and_validate: a config may be made for another machine)
-        return cfg
-    return None
+    if sweeping or args.cfg or args.info:
+        check_command_line(args.overrides)
+        return None
+    return compose(args.overrides)
+
+
+def check_output_folder(argv: List[str]) -> None:
+    """The folder Hydra will write the run into can be written (a read-only or foreign folder is one line naming
+    ``hydra.run.dir`` rather than Hydra's traceback)."""
+    from pathlib import Path
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = next((a.split("=", 1)[1] for a in argv if a.startswith(key + "=")), None)
+    folder = Path(given or ("multirun" if multirun else "outputs")).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the run's output folder {folder}: {existing} is "
+                         f"{'not a folder' if not existing.is_dir() else 'not writable'}; choose another with {key}=<folder> "
+                         f"(or start from a folder you can write to)")
+
+
+def with_resumed_run(argv: List[str]) -> List[str]:
+    """``clipexp train trainer.resume=<run folder or checkpoint> [key=value ...]``: the run's own command line
+    (``<run>/.hydra/overrides.yaml``) first, so the config is the one it trained with, then what is given now
+    (it wins; the resume refuses a change to what the finished steps computed unless
+    ``trainer.resume_allow_changes`` allows it), and the run's folder as the output folder. Anything else: as is."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("trainer.resume=")), None)
+    if resume in (None, "latest", "latest_or_new"):
+        return argv
+    run_dir = Path(resume).expanduser()
+    if run_dir.is_file():  # a checkpoint: <run>/checkpoints/step_*.pt
+        run_dir = run_dir.parent.parent
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return argv
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+    original = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if o.split("=", 1)[0].lstrip("+~") not in given
+                and not o.startswith(("trainer.resume=", "hydra."))]
+    out = [*original, *argv]
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        out.append(f"hydra.run.dir={run_dir.resolve()}")
+    return out
 
 
 def _is_rank_zero() -> bool:
@@ -161,10 +133,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):  # the short help; Hydra's long one is --help-all
         print(short_help())
         sys.exit(0)
-    sys.argv = [("--help" if a == "--help-all" else a) for a in sys.argv]
+    sys.argv = [sys.argv[0], *with_resumed_run([("--help" if a == "--help-all" else a) for a in sys.argv[1:]])]
     try:
         cfg = preflight(sys.argv[1:])
-    except ConfigError as err:
+        check_output_folder(sys.argv[1:])
+    except UserError as err:
         if _is_rank_zero():  # under torchrun every rank finds the same error; one line is enough
             print(f"clipexp: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -27,7 +27,8 @@ from clipexp.paths import CONF_DIR
 GROUPS: Dict[str, str] = {
     "model": "the model to fine-tune: CLIP, SigLIP or open_clip (hub id, local folder or a tiny built one)",
     "domain": "prompts, augmentation, learning rate and epochs of an image domain",
-    "loss": "the training objective",
+    "loss": "the training objective (a class and its arguments)",
+    "temperature_schedule": "how the loss temperature changes over the steps (constant: it does not)",
     "data": "where the image-text pairs come from (data.path=... for files)",
     "device": "where to train; precision auto = bf16 where supported",
     "trainer": "steps, batch, warm-up, evaluation, checkpoints (trainer.<key>=...)",

@@ -8,7 +8,7 @@ values of the wrong type while composing; :func:`clipexp.config.validate.validat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from clipexp.models.clip import ArchitectureConfig
 
@@ -68,32 +68,6 @@ class DomainConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     # Strength of the domain's loss adjustment (``loss=domain_specific``); see docs/losses.md.
     loss_weight: float = 1.0
-
-
-@dataclass
-class LossConfig:
-    name: str = "contrastive"  # contrastive | hard_negative | domain_specific | multi_scale | siglip
-    temperature: float = 0.07  # T (logits = cos / T); SigLIP: 1 / t
-    learnable_temp: bool = False  # learn log(1/T), clamped at ln 100; excludes a schedule
-    use_model_logit_scale: bool = False  # use the model's own logit_scale instead of the loss's temperature
-    multi_positive: bool = True  # same-group pairs (equal captions or classes) are positives; false = textbook CLIP targets
-    hard_negative_ratio: float = 0.5  # hard_negative: share of true negatives mined per row
-    mining_strategy: str = "semi-hard"  # hard_negative: semi-hard | hard | weighted
-    hard_negative_weight: float = 2.0  # hard_negative: how many times a mined negative counts in the denominator
-    domain: str = "general"  # domain_specific: whose adjustment (from domain.name)
-    domain_weight: float = 1.0  # domain_specific: its strength (from domain.loss_weight)
-    scales: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])  # multi_scale: temperature multipliers
-    scale_weights: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])  # multi_scale: weight of each scale
-    normalize_weights: bool = True  # multi_scale: scale_weights normalised to sum 1
-    siglip_init_bias: float = -10.0  # siglip: initial logit bias
-    # Temperature schedule: one string key so sweeps can write loss.temperature_schedule=cosine,exponential
-    temperature_schedule: str = "constant"
-    min_temp: float = 0.01  # lower clamp of every schedule
-    max_temp: float = 0.1  # upper clamp of every schedule; warmup starts here
-    temp_warmup_steps: int = 0  # warmup / cosine: steps from max_temp to temperature
-    temp_decay_rate: float = 0.999  # exponential: T x rate^step
-    temp_patience: int = 100  # adaptive: steps without a 0.1% loss improvement before T shrinks
-    temp_factor: float = 0.9  # adaptive: T is multiplied by this
 
 
 @dataclass
@@ -215,7 +189,11 @@ class TrackingConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     domain: DomainConfig = field(default_factory=DomainConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # conf/loss/<name>.yaml: the class in _target_ and its constructor's arguments (instantiated by the trainer)
+    loss: Dict[str, Any] = field(default_factory=lambda: {"_target_": "clipexp.losses.CLIPContrastiveLoss"})
+    # conf/temperature_schedule/<name>.yaml: a clipexp.losses.TemperatureScheduler applied every step unless constant
+    temperature_schedule: Dict[str, Any] = field(default_factory=lambda: {"_target_": "clipexp.losses.TemperatureScheduler",
+                                                                           "schedule_type": "constant"})
     data: DataConfig = field(default_factory=DataConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -36,6 +36,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from clipexp.files import atomic_write
 from clipexp.data.images import RESIZE_INTERPOLATION, check_interpolation, image_size, load_resized
 
 log = logging.getLogger(__name__)
@@ -205,20 +206,17 @@ class ImageCache:
 
     def _write(self, f: Path, img: Tensor) -> None:
         c, h, w = img.shape
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            f.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(_HEADER.pack(_MAGIC, c, h, w))
                 fh.write(img.permute(1, 2, 0).contiguous().numpy().tobytes())
-            os.replace(tmp, f)
+
+        try:
+            atomic_write(f, write)
             self._bytes += img.numel()
         except OSError as err:  # a full or read-only disk must not stop training
             log.warning("cannot write image cache file %s (%s)", f, err)
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
 
     def clear(self) -> None:
         with self._lock:

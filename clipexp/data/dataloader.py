@@ -1,10 +1,10 @@
 """Batches: ``collate_fn`` and DataLoader construction.
 
-``create_dataloader`` rules:
+:func:`build_loader` is the one place a DataLoader is built; ``create_dataloader`` (the original notes' call) is a
+façade over it with the trainer's defaults:
 
-* ``num_workers=None`` (and no ``config.num_workers``): :func:`default_num_workers`, see there.
-* ``persistent_workers`` whenever there are workers (no re-fork and re-pickle every epoch);
-  ``prefetch_factor`` 4 with 1-2 workers, 2 with more (only used with workers).
+* ``num_workers=None`` (and no ``config.num_workers``): :func:`default_num_workers`, the trainer's rule.
+* ``persistent_workers`` whenever there are workers (no re-fork and re-pickle every epoch).
 * ``pin_memory`` only when CUDA is available (pinning is useless on CPU and unsupported on MPS).
 * Shuffling uses a ``torch.Generator`` seeded with ``seed`` (default ``config.seed`` or 0): the same
   seed gives the same order. A ``sampler`` (e.g. the trainer's resumable one) is passed through and
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -47,26 +48,49 @@ def _stack(values: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values)
 
 
-def _is_cached(dataset: Dataset) -> bool:
-    cache = getattr(dataset, "cache", None)
-    return cache is not None and getattr(cache, "mode", "none") in ("memory", "disk", "auto")
+def default_num_workers(cores: Optional[int] = None, device_type: str = "cuda") -> int:
+    """Loader workers when ``data.num_workers`` (or ``num_workers``) is not set.
 
+    On an accelerator: half the cores (at least 1 from 2 cores, at most 4), so augmentation runs beside the
+    device step. On CPU: none below 4 cores (items are built in the main process between steps, where the step
+    has every core), a quarter of the cores from 4 (at most 4). Inside a launcher's worker process (joblib/loky):
+    0, since nested loader processes are not allowed there. ``cores``: the cores this process may use (default:
+    all; under torchrun, its share of the node)."""
+    import multiprocessing
 
-def default_num_workers(dataset: Optional[Dataset] = None, cpu_count: Optional[int] = None) -> int:
-    """Workers when none are configured: ``0`` on one core, or when the dataset's images are cached
-    and its items are not random (an eval set: an item costs ~0.2 ms, less than shipping it from a
-    worker); otherwise ``min(8, cores - 1)``, leaving one core to the training loop (1 on 2 cores).
-
-    Measured on the 2-core dev box (textile, 2,000 images, batch 64, busy machine): 64 px cached
-    eval items: 0 workers 0.37 s/epoch, 1 worker 0.6 s; uncached or augmented items gain from
-    workers overlapping decode/augmentation with the training step.
-    """
-    cores = cpu_count or os.cpu_count() or 1
-    if cores <= 1:
+    if multiprocessing.parent_process() is not None:
         return 0
-    if dataset is not None and _is_cached(dataset) and not getattr(dataset, "is_random", True):
-        return 0
-    return min(8, cores - 1)
+    cores = cores or os.cpu_count() or 1
+    if device_type == "cpu":
+        return 0 if cores < 4 else min(4, cores // 4)
+    return 0 if cores < 2 else min(4, max(1, cores // 2))
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which finishes its step, saves and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loader(dataset: Dataset, *, batch_size: Optional[int] = 1, sampler: Optional[Sampler] = None, batch_sampler: Any = None,
+                 shuffle: bool = False, num_workers: int = 0, seed: int = 0, drop_last: bool = False, pin_memory: bool = False,
+                 prefetch_factor: Optional[int] = None, collate: Any = collate_fn, loader_class: type = DataLoader, **extra: Any) -> DataLoader:
+    """The one place clipexp builds a DataLoader (training, evaluation, the notes' ``create_dataloader``, shards).
+
+    Workers are persistent (started once, not again every epoch) and ignore Ctrl-C; shuffling draws from a
+    ``torch.Generator`` seeded with ``seed``, so the same seed gives the same order (with a sampler, the sampler
+    decides the order, and each ``iter()`` draws its workers' base seed from torch's global generator)."""
+    kwargs: Dict[str, Any] = dict(extra)
+    if num_workers > 0:
+        kwargs.update(persistent_workers=True, worker_init_fn=_ignore_interrupts)
+        if prefetch_factor is not None:
+            kwargs["prefetch_factor"] = prefetch_factor
+    if batch_sampler is not None:
+        kwargs["batch_sampler"] = batch_sampler
+    else:
+        kwargs.update(batch_size=batch_size, shuffle=bool(shuffle) and sampler is None, sampler=sampler, drop_last=drop_last)
+    if shuffle and sampler is None and batch_sampler is None:
+        kwargs["generator"] = torch.Generator().manual_seed(int(seed))
+    return loader_class(dataset, num_workers=int(num_workers), collate_fn=collate, pin_memory=bool(pin_memory), **kwargs)
 
 
 def create_dataloader(
@@ -86,35 +110,21 @@ def create_dataloader(
     """A DataLoader over a CLIP dataset (rules in the module doc).
 
     ``shuffle=None``: ``config.shuffle`` when a config is given, else True. ``config`` is a
-    :class:`~clipexp.config.validate.CLIPFinetuningConfig` (``batch_size`` is taken from the argument).
+    :class:`~clipexp.config.notes.CLIPFinetuningConfig` (``batch_size`` is taken from the argument).
     """
     if shuffle is None:
         shuffle = bool(getattr(config, "shuffle", True)) if config is not None else True
     if num_workers is None:
         num_workers = getattr(config, "num_workers", None)
     if num_workers is None:
-        num_workers = default_num_workers(dataset)
+        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        num_workers = default_num_workers(device_type=accelerator)
     if seed is None:
         seed = int(getattr(config, "seed", 0) or 0)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    generator = torch.Generator().manual_seed(int(seed))
-    kwargs: Dict[str, Any] = {}
-    if num_workers > 0:
-        kwargs["persistent_workers"] = True
-        kwargs["prefetch_factor"] = prefetch_factor or (4 if num_workers <= 2 else 2)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=bool(shuffle) and sampler is None,
-        sampler=sampler,
-        num_workers=int(num_workers),
-        collate_fn=collate,
-        pin_memory=bool(pin_memory),
-        drop_last=drop_last,
-        generator=generator,
-        **kwargs,
-    )
+    return build_loader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=num_workers, seed=seed,
+                        drop_last=drop_last, pin_memory=pin_memory, prefetch_factor=prefetch_factor, collate=collate)
 
 
 def create_train_val_dataloaders(

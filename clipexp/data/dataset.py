@@ -86,7 +86,7 @@ class CLIPDataset(Dataset):
     """Image-text pairs -> item dicts (see module doc). Uses each pair's first caption.
 
     ``processor``: a CLIPProcessor (its tokenizer and image mean/std are used) or a tokenizer.
-    ``config``: an optional :class:`~clipexp.config.validate.CLIPFinetuningConfig` (``image_resolution``,
+    ``config``: an optional :class:`~clipexp.config.notes.CLIPFinetuningConfig` (``image_resolution``,
     ``max_sequence_length``, ``seed``). Without ``image_transform`` the eval transform is used;
     for augmentation pass ``ImageTransform(config, augment=True)`` (or use :func:`build_datasets`).
     ``cache``: an :class:`~clipexp.data.ImageCache` or a mode string (``memory|disk|none|auto``).

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
+from clipexp.files import write_bytes
 from clipexp.data.pairs import ImageTextPair
 from clipexp.data.problems import DataValidationError, Problem, one_problem
 from clipexp.data.validation import Candidate, check_on_error, clean_captions, finalize_with, outside_root, resolve_image
@@ -61,10 +62,7 @@ def _write_once(data: bytes, fallback_ext: str, out_dir: Path) -> Tuple[Path, bo
     target = out_dir / name
     if target.is_file():
         return target, False
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_bytes(target, bytes(data))
     return target, True
 
 

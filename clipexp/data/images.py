@@ -29,6 +29,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from clipexp.errors import UserError
+
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def interpolation_of_resample(resample) -> str:
     return next((name for name, c in PIL_RESAMPLE.items() if c == code), RESIZE_INTERPOLATION)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image file cannot be used. ``reason`` completes "image 'x.jpg' ..." (e.g. "not found")."""
 
     def __init__(self, path: Union[str, Path], reason: str):

@@ -29,6 +29,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from clipexp.files import atomic_write
 from clipexp.data.pairs import ImageTextPair, class_names_of
 from clipexp.data.shards import FORMAT, MANIFEST
 
@@ -48,18 +49,20 @@ def write_split(pairs: Sequence[ImageTextPair], out: Path, split: str, shard_siz
     for k, start in enumerate(range(0, len(pairs), shard_size)):
         chunk = pairs[start:start + shard_size]
         name = f"{split}-{k:06d}.tar"
-        with tarfile.open(out / f".{name}.tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for j, pair in enumerate(chunk):
-                index = first_index + start + j
-                key = f"{index:09d}"
-                ext = Path(pair.image_path).suffix.lower().lstrip(".") or "jpg"
-                ext = {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
-                _add(tar, f"{key}.{ext}", Path(pair.image_path).read_bytes())
-                _add(tar, f"{key}.txt", pair.captions[0].encode())
-                meta = {"caption": pair.captions[0], "captions": list(pair.captions), "label": pair.label, "index": index,
-                        "source": pair.source}
-                _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
-        (out / f".{name}.tmp").replace(out / name)
+        def write(tmp: Path, chunk=chunk, start=start) -> None:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for j, pair in enumerate(chunk):
+                    index = first_index + start + j
+                    key = f"{index:09d}"
+                    ext = Path(pair.image_path).suffix.lower().lstrip(".") or "jpg"
+                    ext = {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
+                    _add(tar, f"{key}.{ext}", Path(pair.image_path).read_bytes())
+                    _add(tar, f"{key}.txt", pair.captions[0].encode())
+                    meta = {"caption": pair.captions[0], "captions": list(pair.captions), "label": pair.label, "index": index,
+                            "source": pair.source}
+                    _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+
+        atomic_write(out / name, write)
         shards.append({"name": name, "count": len(chunk), "first_index": first_index + start})
     return shards
 

@@ -280,10 +280,11 @@ class StreamLoader(DataLoader):
     sampler position (``sampler.start``, the resume point), and a bad-data error from a worker is re-raised
     as its one line. ``steps_per_epoch``: the stream's epoch in batches."""
 
-    def __init__(self, dataset: WebDatasetStream, sampler, num_workers: int, **kw: Any):
-        self.position = sampler
+    def __init__(self, dataset: WebDatasetStream, sampler, num_workers: int, batch_size: Any = None, shuffle: bool = False,
+                 drop_last: bool = False, **kw: Any):
+        self.position = sampler  # (the stream decides its order: batch_size, shuffle and drop_last are the sampler's)
         self.steps_per_epoch = dataset.configure(sampler.rank, sampler.world_size, num_workers, sampler.batch_size)
-        super().__init__(dataset, batch_size=sampler.batch_size, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
+        super().__init__(dataset, batch_size=sampler.batch_size, num_workers=num_workers, **kw)
 
     def __iter__(self):
         self.dataset.set_start(self.position.start // self.position.global_batch)

@@ -69,3 +69,17 @@ def load_lora_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> No
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise KeyError(f"the LoRA checkpoint has adapters this model has not ({unexpected[0]!r}); resume with the same model.lora.*")
+
+
+def saved_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``model``: the adapters alone under LoRA (the base never changes and is
+    rebuilt from ``model.*`` on resume), else the whole state dict (not copied: save it before the weights change)."""
+    return lora_state_dict(model) if is_lora(model) else model.state_dict()
+
+
+def load_saved_weights(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Put :func:`saved_weights` back."""
+    if is_lora(model):
+        load_lora_state_dict(model, state)
+    else:
+        model.load_state_dict(state)

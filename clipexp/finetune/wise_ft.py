@@ -7,10 +7,14 @@ fine-tuned ones'), so the curve's end points are the two models themselves.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Dict, Mapping, Union
+from typing import Any, Callable, Dict, Mapping, Sequence, Union
 
 import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def interpolate_weights(start: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], alpha: float) -> Dict[str, torch.Tensor]:
@@ -54,3 +58,22 @@ def select_alpha(values: Mapping[float, float], select: Union[str, float], mode:
     if alpha not in values:
         raise ValueError(f"trainer.wise_ft.select={select!r} is invalid: best_val or one of the alphas {sorted(values)}")
     return alpha
+
+
+def wise_ft(model: nn.Module, start: Mapping[str, torch.Tensor], alphas: Sequence[float], evaluate: Callable[[], Dict[str, float]],
+            monitor: str, select: Union[str, float] = "best_val", mode: str = "max") -> Dict[str, Any]:
+    """Evaluate ``(1 - alpha) * start + alpha * model`` for every alpha (``evaluate()`` returns the metrics of the
+    weights ``model`` holds), then leave in ``model`` the weights of the alpha :func:`select_alpha` picks by
+    ``metrics[monitor]``. Returns ``{"alphas": {alpha_key: metrics}, "selected": alpha}``."""
+    finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    points: Dict[float, Dict[str, float]] = {}
+    for alpha in alphas:
+        model.load_state_dict(interpolate_weights(start, finetuned, float(alpha)))
+        points[float(alpha)] = evaluate()
+        log.info("WiSE-FT alpha %.2f: %s", alpha, "  ".join(f"{k}={v:.4f}" for k, v in points[float(alpha)].items()
+                                                            if k.endswith(("zeroshot_balanced_acc", "zeroshot_acc", "/loss"))))
+    values = {a: m.get(monitor) for a, m in points.items()}
+    selected = select_alpha(values, select, mode)
+    model.load_state_dict(interpolate_weights(start, finetuned, selected))
+    log.info("WiSE-FT: alpha %.2f selected (%s, %s=%.4f) and kept as the model", selected, select, monitor, values[selected])
+    return {"alphas": {alpha_key(a): m for a, m in points.items()}, "selected": selected}

@@ -28,7 +28,14 @@ MAX_LOGIT_SCALE = 100.0
 
 
 class TemperatureMixin(nn.Module):
-    """Temperature handling shared by all losses.
+    """What every loss shares: the call and the temperature.
+
+    ``forward(image_embeds, text_embeds, group_ids=None, labels=None, logit_scale=None)`` checks the
+    L2-normalised ``[B, D]`` embeddings, works out the scale ``1/T`` and hands both to the loss's
+    :meth:`compute`, which returns the output dict (at least ``loss``, ``image_to_text_loss``,
+    ``text_to_image_loss``, ``logits``, ``temperature``). ``name`` is the loss's option in ``conf/loss/``.
+
+    The temperature:
 
     * fixed (default): ``scale = 1 / temperature``; the trainer may set ``loss.temperature = T``.
     * ``learnable_temp=True``: parameter ``logit_scale = log(1/T)``, ``scale = exp(logit_scale)``
@@ -38,6 +45,8 @@ class TemperatureMixin(nn.Module):
       ``scale = logit_scale.exp().clamp(max=100)``; the loss then has no parameter of its own
       (``learnable_temp`` is ignored) and setting ``temperature`` has no effect on the loss.
     """
+
+    name = ""
 
     def __init__(self, temperature: float, learnable_temp: bool = False, use_model_logit_scale: bool = False):
         super().__init__()
@@ -83,34 +92,34 @@ class TemperatureMixin(nn.Module):
             return self.logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE).to(device)
         return torch.tensor(1.0 / self._temperature, dtype=torch.float32, device=device)
 
+    def forward(self, image_embeds: Tensor, text_embeds: Tensor, group_ids: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        batch = check_embeddings(image_embeds, text_embeds, group_ids, labels)
+        scale = self.logit_scale_value(image_embeds.device, logit_scale)
+        return self.compute(image_embeds, text_embeds, scale, batch, group_ids, labels)
+
+    def compute(self, image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, batch: int, group_ids: Optional[Tensor],
+                labels: Optional[Tensor]) -> Dict[str, Tensor]:
+        """The loss's output dict from checked embeddings and the scale ``1/T`` (a float32 scalar tensor)."""
+        raise NotImplementedError
+
 
 class ContrastiveLossBase(TemperatureMixin):
     """Template for symmetric contrastive losses over a ``[B, B]`` similarity matrix.
 
-    ``forward(image_embeds, text_embeds, group_ids=None, labels=None, logit_scale=None)`` takes
-    L2-normalised ``[B, D]`` embeddings (any float dtype; the maths is float32) and returns a dict with
+    The output dict (embeddings of any float dtype; the maths is float32) holds
     ``loss`` (mean of the two directions), ``image_to_text_loss``, ``text_to_image_loss``, ``logits``
     (detached scaled image->text logits) and ``temperature``, plus whatever the subclass adds.
     Gathered (multi-GPU) tensors are simply a bigger batch.
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.07,
-        learnable_temp: bool = False,
-        multi_positive: bool = True,
-        use_model_logit_scale: bool = False,
-    ):
+    def __init__(self, temperature: float = 0.07, learnable_temp: bool = False, multi_positive: bool = True,
+                 use_model_logit_scale: bool = False):
         super().__init__(temperature, learnable_temp, use_model_logit_scale)
         self.multi_positive = bool(multi_positive)
 
-    def _direction_loss(
-        self,
-        logits: Tensor,
-        target_mask: Optional[Tensor],
-        known_positives: Tensor,
-        sample_labels: Optional[Tensor],
-    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def _direction_loss(self, logits: Tensor, target_mask: Optional[Tensor], known_positives: Tensor,
+                        sample_labels: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Loss of one direction (rows of ``logits`` are queries); returns ``(loss, stats)``.
 
         ``target_mask``: positives used as targets (None = diagonal only, the textbook path);
@@ -120,17 +129,9 @@ class ContrastiveLossBase(TemperatureMixin):
         """
         return contrastive_cross_entropy(logits, target_mask), {}
 
-    def forward(
-        self,
-        image_embeds: Tensor,
-        text_embeds: Tensor,
-        group_ids: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        logit_scale: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        batch = check_embeddings(image_embeds, text_embeds, group_ids, labels)
+    def compute(self, image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, batch: int, group_ids: Optional[Tensor],
+                labels: Optional[Tensor]) -> Dict[str, Tensor]:
         device = image_embeds.device
-        scale = self.logit_scale_value(device, logit_scale)
         logits = compute_logits(image_embeds, text_embeds, scale)
         target_mask = positive_mask(group_ids, batch, device, self.multi_positive)
         known = same_group_mask(group_ids, batch, device)
@@ -173,6 +174,8 @@ class CLIPContrastiveLoss(ContrastiveLossBase):
     Temperature: fixed, learnable (``log(1/T)`` clamped at ln 100), or the model's ``logit_scale``
     (see :class:`TemperatureMixin`).
     """
+
+    name = "contrastive"
 
 
 def _check_temperature(value: float) -> None:

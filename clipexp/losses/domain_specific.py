@@ -47,15 +47,10 @@ class DomainSpecificLoss(ContrastiveLossBase):
       decoupled (``lam = 1``), since it has nothing to contrast.
     """
 
-    def __init__(
-        self,
-        domain: str = "general",
-        temperature: float = 0.07,
-        domain_weight: float = 1.0,
-        learnable_temp: bool = False,
-        multi_positive: bool = True,
-        use_model_logit_scale: bool = False,
-    ):
+    name = "domain_specific"
+
+    def __init__(self, domain: str = "general", temperature: float = 0.07, domain_weight: float = 1.0, learnable_temp: bool = False,
+                 multi_positive: bool = True, use_model_logit_scale: bool = False):
         super().__init__(temperature, learnable_temp, multi_positive, use_model_logit_scale)
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {', '.join(DOMAINS)}; got {domain!r}")
@@ -85,13 +80,8 @@ class DomainSpecificLoss(ContrastiveLossBase):
             return None
         return class_balanced_weights(sample_labels, self.domain_weight)
 
-    def _direction_loss(
-        self,
-        logits: Tensor,
-        target_mask: Optional[Tensor],
-        known_positives: Tensor,
-        sample_labels: Optional[Tensor],
-    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def _direction_loss(self, logits: Tensor, target_mask: Optional[Tensor], known_positives: Tensor,
+                        sample_labels: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
         if self.domain == "medical":
             return contrastive_cross_entropy(logits, target_mask, label_smoothing=self.label_smoothing), {}
         if self.domain == "industrial":

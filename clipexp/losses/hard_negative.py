@@ -44,16 +44,11 @@ class HardNegativeMiningLoss(ContrastiveLossBase):
     ``hard_negative_ratio_actual`` = mined / true negatives (0 when there are none).
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.07,
-        hard_negative_ratio: float = 0.5,
-        mining_strategy: str = "semi-hard",
-        hard_negative_weight: float = 2.0,
-        learnable_temp: bool = False,
-        multi_positive: bool = True,
-        use_model_logit_scale: bool = False,
-    ):
+    name = "hard_negative"
+
+    def __init__(self, temperature: float = 0.07, hard_negative_ratio: float = 0.5, mining_strategy: str = "semi-hard",
+                 hard_negative_weight: float = 2.0, learnable_temp: bool = False, multi_positive: bool = True,
+                 use_model_logit_scale: bool = False):
         super().__init__(temperature, learnable_temp, multi_positive, use_model_logit_scale)
         if mining_strategy not in MINING_STRATEGIES:
             raise ValueError(
@@ -100,13 +95,8 @@ class HardNegativeMiningLoss(ContrastiveLossBase):
         log_weights = mined.float() * math.log(self.hard_negative_weight)
         return mined, log_weights
 
-    def _direction_loss(
-        self,
-        logits: Tensor,
-        target_mask: Optional[Tensor],
-        known_positives: Tensor,
-        sample_labels: Optional[Tensor],
-    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def _direction_loss(self, logits: Tensor, target_mask: Optional[Tensor], known_positives: Tensor,
+                        sample_labels: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
         mined, log_weights = self.mine(logits, known_positives)
         loss = contrastive_cross_entropy(logits, target_mask, denominator_offsets=log_weights)
         stats = {

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .contrastive import TemperatureMixin
-from .targets import check_embeddings, compute_logits, contrastive_cross_entropy, positive_mask
+from .targets import compute_logits, contrastive_cross_entropy, positive_mask
 
 Tensor = torch.Tensor
 
@@ -27,16 +27,11 @@ class MultiScaleLoss(TemperatureMixin):
     learnt (clamped at ln 100 like CLIP) and the scales stay fixed ratios of it.
     """
 
-    def __init__(
-        self,
-        scales: Sequence[float] = (1.0, 0.75, 0.5),
-        base_temperature: float = 0.07,
-        scale_weights: Optional[Sequence[float]] = (1.0, 0.75, 0.5),
-        normalize_weights: bool = True,
-        multi_positive: bool = True,
-        learnable_temp: bool = False,
-        use_model_logit_scale: bool = False,
-    ):
+    name = "multi_scale"
+
+    def __init__(self, scales: Sequence[float] = (1.0, 0.75, 0.5), base_temperature: float = 0.07,
+                 scale_weights: Optional[Sequence[float]] = (1.0, 0.75, 0.5), normalize_weights: bool = True,
+                 multi_positive: bool = True, learnable_temp: bool = False, use_model_logit_scale: bool = False):
         super().__init__(base_temperature, learnable_temp, use_model_logit_scale)
         scales = [float(s) for s in scales]
         weights = [1.0] * len(scales) if scale_weights is None else [float(w) for w in scale_weights]
@@ -64,17 +59,9 @@ class MultiScaleLoss(TemperatureMixin):
     def base_temperature(self, value: float) -> None:
         self.temperature = value
 
-    def forward(
-        self,
-        image_embeds: Tensor,
-        text_embeds: Tensor,
-        group_ids: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        logit_scale: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        batch = check_embeddings(image_embeds, text_embeds, group_ids, labels)
+    def compute(self, image_embeds: Tensor, text_embeds: Tensor, base_scale: Tensor, batch: int, group_ids: Optional[Tensor],
+                labels: Optional[Tensor]) -> Dict[str, Tensor]:
         device = image_embeds.device
-        base_scale = self.logit_scale_value(device, logit_scale)
         similarity = compute_logits(image_embeds, text_embeds, 1.0)
         target_mask = positive_mask(group_ids, batch, device, self.multi_positive)
         target_mask_t = None if target_mask is None else target_mask.t()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contrastive import TemperatureMixin
-from .targets import check_embeddings, compute_logits, same_group_mask
+from .targets import compute_logits, same_group_mask
 
 Tensor = torch.Tensor
 
@@ -32,15 +32,10 @@ class SigLIPLoss(TemperatureMixin):
     mean (= the same number). ``logits`` (detached) include the bias; ``bias`` is an extra output.
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.1,
-        learnable_temp: bool = True,
-        init_bias: float = -10.0,
-        multi_positive: bool = True,
-        learnable_bias: bool = True,
-        use_model_logit_scale: bool = False,
-    ):
+    name = "siglip"
+
+    def __init__(self, temperature: float = 0.1, learnable_temp: bool = True, init_bias: float = -10.0, multi_positive: bool = True,
+                 learnable_bias: bool = True, use_model_logit_scale: bool = False):
         super().__init__(temperature, learnable_temp, use_model_logit_scale)
         if not math.isfinite(float(init_bias)):
             raise ValueError(f"init_bias must be a finite number; got {init_bias!r}")
@@ -51,17 +46,9 @@ class SigLIPLoss(TemperatureMixin):
             self.register_buffer("logit_bias", bias)
         self.multi_positive = bool(multi_positive)
 
-    def forward(
-        self,
-        image_embeds: Tensor,
-        text_embeds: Tensor,
-        group_ids: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        logit_scale: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
-        batch = check_embeddings(image_embeds, text_embeds, group_ids, labels)
+    def compute(self, image_embeds: Tensor, text_embeds: Tensor, scale: Tensor, batch: int, group_ids: Optional[Tensor],
+                labels: Optional[Tensor]) -> Dict[str, Tensor]:
         device = image_embeds.device
-        scale = self.logit_scale_value(device, logit_scale)
         bias = self.logit_bias.float().to(device)
         logits = compute_logits(image_embeds, text_embeds, scale) + bias
         positives = same_group_mask(group_ids if self.multi_positive else None, batch, device)

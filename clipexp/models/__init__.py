@@ -1,7 +1,7 @@
 """Model loading (CLIP, SigLIP, open_clip families), building and encoding (no Hydra, no MLflow)."""
 
+from clipexp.errors import ModelLoadError
 from clipexp.models.clip import (
-    ModelLoadError,
     build_model,
     build_processor,
     build_tokenizer,
@@ -12,7 +12,8 @@ from clipexp.models.clip import (
     write_byte_level_vocab,
 )
 from clipexp.models.loading import CLIPFinetuningController, load_clip
-from clipexp.models.training import DualEncoder, apply_levers, build_training_model, enable_checkpointing, quiet_transformers
+from clipexp.models.levers import (DualEncoder, apply_levers, build_training_model, enable_checkpointing, load_training_model,
+                                   prepare_for_training, quiet_transformers)
 
 __all__ = [
     "CLIPFinetuningController",
@@ -27,7 +28,9 @@ __all__ = [
     "enable_checkpointing",
     "image_features",
     "load_clip",
+    "load_training_model",
     "pack_captions",
+    "prepare_for_training",
     "quiet_transformers",
     "text_features",
     "write_byte_level_vocab",

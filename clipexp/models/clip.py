@@ -16,15 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipexp.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded. The message is one line saying what to do instead."""
 
 
 @dataclass

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import clipexp.models.families as fam
-from clipexp.models.clip import (ArchitectureConfig, ModelLoadError, _looks_like_path, build_model, build_processor, count_parameters, image_features,
+from clipexp.errors import ModelLoadError
+from clipexp.models.clip import (ArchitectureConfig, _looks_like_path, build_model, build_processor, count_parameters, image_features,
                                  resolve_run_folder, text_features)
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def load_clip(
 class CLIPFinetuningController:
     """Load a CLIP onto the chosen device and encode with it (the original notes' controller).
 
-    ``config`` is a :class:`clipexp.config.validate.CLIPFinetuningConfig`. ``model_name=None`` (or ``"tiny"``)
+    ``config`` is a :class:`clipexp.config.notes.CLIPFinetuningConfig`. ``model_name=None`` (or ``"tiny"``)
     builds a random-weight CLIP of ``architecture`` (default: ``ArchitectureConfig()``), offline.
     """
 

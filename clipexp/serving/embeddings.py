@@ -28,8 +28,8 @@ FINGERPRINT_COLUMN = "model_fingerprint"
 _DIM = re.compile(r"e(\d+)")
 
 
-class PredictError(UserError, ValueError):
-    """A user error of the batch tools: one line."""
+class EmbeddingsError(UserError, ValueError):
+    """An ``--embeddings`` file that cannot be used: one line (the file, why, the command that writes a good one)."""
 
 
 @dataclass
@@ -76,18 +76,18 @@ def _first_line(err: BaseException) -> str:
 
 def read_embeddings(path: Path, model: str = "<model>") -> Embeddings:
     """``embed``'s output (any of :data:`EMBEDDING_SUFFIXES`) -> :class:`Embeddings`; anything else is one
-    :class:`PredictError` line (``model``: the ``--model`` its advice names)."""
+    :class:`EmbeddingsError` line (``model``: the ``--model`` its advice names)."""
     import numpy as np
 
     if not path.is_file():
-        raise PredictError(f"--embeddings {path}: no such file; write it with embed --model {model} --images <images> --out {path}")
+        raise EmbeddingsError(f"--embeddings {path}: no such file; write it with embed --model {model} --images <images> --out {path}")
     if path.suffix not in EMBEDDING_SUFFIXES:
-        raise PredictError(f"--embeddings {path}: give the .parquet, .csv or .npy file embed wrote")
+        raise EmbeddingsError(f"--embeddings {path}: give the .parquet, .csv or .npy file embed wrote")
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
-            raise PredictError(f"--embeddings {path}: not a .npy array ({_first_line(err)}); give the .parquet, .csv or .npy "
+            raise EmbeddingsError(f"--embeddings {path}: not a .npy array ({_first_line(err)}); give the .parquet, .csv or .npy "
                                "file embed wrote") from None
         names, side = path.with_suffix(".paths.txt"), path.with_suffix(".fingerprint")
         paths = names.read_text().splitlines() if names.is_file() else [str(i) for i in range(len(array))]
@@ -105,17 +105,17 @@ def _read_csv(path: Path, model: str) -> Embeddings:
     try:
         frame = pd.read_csv(path)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
-        raise PredictError(f"--embeddings {path}: not a CSV file ({_first_line(err)}); give the .parquet, .csv or .npy "
+        raise EmbeddingsError(f"--embeddings {path}: not a CSV file ({_first_line(err)}); give the .parquet, .csv or .npy "
                            "file embed wrote") from None
     dims = sorted((int(m.group(1)), c) for c in frame.columns if (m := _DIM.fullmatch(str(c))))
     if not dims or "path" not in frame.columns or [d for d, _ in dims] != list(range(len(dims))):
-        raise PredictError(f"--embeddings {path}: no embedding columns e0, e1, ... (columns: {', '.join(map(str, frame.columns))}): "
+        raise EmbeddingsError(f"--embeddings {path}: no embedding columns e0, e1, ... (columns: {', '.join(map(str, frame.columns))}): "
                            f"not a file embed wrote; write one with embed --model {model} --images <images> "
                            f"--out {path.with_name('embeddings.csv')}")
     vectors = frame[[c for _, c in dims]].to_numpy(dtype=np.float64).astype(np.float32)
     prints = frame[FINGERPRINT_COLUMN].dropna().astype(str).unique().tolist() if FINGERPRINT_COLUMN in frame.columns else []
     if len(prints) > 1:
-        raise PredictError(f"--embeddings {path}: rows of {len(prints)} different models (column {FINGERPRINT_COLUMN}); "
+        raise EmbeddingsError(f"--embeddings {path}: rows of {len(prints)} different models (column {FINGERPRINT_COLUMN}); "
                            f"embed the images again with one model (embed --model {model} --out {path})")
     return Embeddings([str(p) for p in frame["path"]], torch.from_numpy(vectors), prints[0] if prints else None)
 
@@ -128,10 +128,10 @@ def _read_parquet(path: Path, model: str) -> Embeddings:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
-        raise PredictError(f"--embeddings {path}: not a parquet file ({_first_line(err)}); give the .parquet, .csv or .npy "
+        raise EmbeddingsError(f"--embeddings {path}: not a parquet file ({_first_line(err)}); give the .parquet, .csv or .npy "
                            "file embed wrote") from None
     if "embedding" not in table.column_names or "path" not in table.column_names:
-        raise PredictError(f"--embeddings {path}: no 'path' and 'embedding' columns (columns: {', '.join(table.column_names)}): "
+        raise EmbeddingsError(f"--embeddings {path}: no 'path' and 'embedding' columns (columns: {', '.join(table.column_names)}): "
                            f"not a file embed wrote; write one with embed --model {model} --images <images> --out {path}")
     fingerprint = (table.schema.metadata or {}).get(METADATA_KEY)
     cells = table.column("embedding").to_pylist()

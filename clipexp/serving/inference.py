@@ -173,7 +173,7 @@ class CLIPInference:
         model) the spec comes from the folder's processor and ``class_names``/``prompt_templates``. A folder with
         a ``SHA256SUMS`` manifest must match it (else :class:`InferenceError` naming the file)."""
         from clipexp.models.loading import load_clip
-        from clipexp.paths import folder_manifest_problem
+        from clipexp.files import folder_manifest_problem
 
         problem = folder_manifest_problem(Path(model_dir))  # SHA256SUMS, when the run wrote one
         if problem:

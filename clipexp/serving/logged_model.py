@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from clipexp.paths import disk_full_error, write_folder_manifest
+from clipexp.files import disk_full_error, write_folder_manifest
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def publish_model(tracker: Any, model_dir: Path, cfg: Any, *, class_names: Seque
         batch_size=int(eval_batch_size),
         serve_file_root=_file_root(cfg.tracking.get("serve_file_root")),
         run={"run_id": getattr(tracker, "run_id", None), "monitor": t.monitor, "best_value": best_value,
-             "domain": cfg.domain.name, "model": cfg.model.name, "loss": cfg.loss.name},
+             "domain": cfg.domain.name, "model": cfg.model.name, "loss": getattr(loss_fn, "name", "")},
     )
     spec.save(model_dir)
     write_folder_manifest(model_dir)  # SHA256SUMS: the weights, processor and spec as saved (checked when loaded)

@@ -25,9 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from clipexp.serving.embeddings import EMBEDDING_SUFFIXES, PredictError, read_embeddings, write_embeddings
+from clipexp.errors import UserError
+from clipexp.serving.embeddings import EMBEDDING_SUFFIXES, read_embeddings, write_embeddings
 
 PROG = "clipexp.serving.predict"
+
+
+class PredictError(UserError, ValueError):
+    """A user error: one line."""
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -223,14 +228,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = f"python -m {PROG}") -> int:
-    from clipexp.device import DeviceError
-    from clipexp.models.clip import ModelLoadError
-    from clipexp.serving.inference import InferenceError
-
     args = build_parser(prog).parse_args(argv)
     try:
         run(args)
-    except (PredictError, InferenceError, ModelLoadError, DeviceError) as err:
+    except UserError as err:
         print(f"{prog.split()[-1] if prog.startswith('python') else prog.split()[0]}: error: {err}", file=sys.stderr)
         return 2
     return 0

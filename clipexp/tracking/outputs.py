@@ -17,8 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from clipexp.models.clip import count_parameters
-from clipexp.paths import write_folder_manifest
+from clipexp.files import write_folder_manifest
 from clipexp.tracking import plots
 from clipexp.tracking.tracker import flatten, git_commit, make_tracker, overrides_run_name, source_tags
 
@@ -26,13 +25,15 @@ log = logging.getLogger(__name__)
 SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))
 
 
-def run_tags(cfg: Any, overrides: List[str], output_dir: Path, dev: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+def run_tags(cfg: Any, overrides: List[str], output_dir: Path, *, device: str, precision: str, loss: str,
+             extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """The run's tags: source, domain / loss / model / data, the Hydra overrides, where it ran and wrote."""
     return {
         **source_tags(),
-        "domain": cfg.domain.name, "loss": cfg.loss.name, "model": cfg.model.name, "data": cfg.data.source,
+        "domain": cfg.domain.name, "loss": loss, "model": cfg.model.name, "data": cfg.data.source,
         "init_from": cfg.model.name_or_path or f"built:{cfg.model.name}",  # a two-stage run names stage 1's folder here
         "git_commit": git_commit(), "hydra_overrides": " ".join(overrides) or "(none)",
-        "output_dir": str(output_dir), "device": f"{dev.type}:{dev.name}", "precision": dev.precision,
+        "output_dir": str(output_dir), "device": device, "precision": precision,
         **(extra or {}),
     }
 
@@ -65,22 +66,6 @@ def dataset_inputs(cfg: Any, data: Any) -> List[Dict[str, Any]]:
                               "label": [p.label for p in pairs]})
         out.append({"name": f"{base}-{split}", "table": table, "source": dataset_source(cfg.data), "context": context})
     return out
-
-
-def derived_params(trainer) -> Dict[str, Any]:
-    """The values a trainer's setup worked out, logged as ``derived.<name>`` params."""
-    t = trainer
-    return {
-        "batch_size": t.batch_size, "logical_batch": t.logical_batch, "world_size": t.dist.world_size,
-        "global_batch": t.global_batch, "total_steps": t.total_steps, "steps_per_epoch": t.steps_per_epoch,
-        "precision": t.dev.precision, "num_parameters": count_parameters(t.model),
-        "num_trainable_parameters": count_parameters(t.model, trainable_only=True),
-        "num_train_pairs": len(t.data.train), "num_val_pairs": _len(t.data.val), "num_test_pairs": _len(t.data.test),
-    }
-
-
-def _len(dataset) -> int:
-    return 0 if dataset is None else len(dataset)
 
 
 def parent_run_id(output_dir: Path) -> Optional[str]:
@@ -173,4 +158,25 @@ def summary_table(results: Dict[str, Dict[str, float]], best_step: Optional[int]
     at = f" (step {best_step})" if best_step is not None else ""
     lines.append(f"baseline = validation at step 0, final = at the last step, best = at the best step{at}; "
                  f"test = test split with the best checkpoint")
+    return "\n".join(lines)
+
+
+def wise_ft_metrics(result: Dict[str, Any]) -> Dict[str, float]:
+    """Flat MLflow metrics: ``wise_ft/alpha_0.50/val/zeroshot_balanced_acc``, ..., ``wise_ft/selected_alpha``."""
+    out = {f"wise_ft/{key}/{name}": value for key, metrics in result["alphas"].items() for name, value in metrics.items()}
+    out["wise_ft/selected_alpha"] = result["selected"]
+    return out
+
+
+def wise_ft_table(result: Dict[str, Any], target: str = "val", retention: Optional[str] = None,
+                  metric: str = "zeroshot_balanced_acc") -> str:
+    """The printed WiSE-FT table: alpha, target metric, retention metric."""
+    from clipexp.finetune.wise_ft import alpha_key
+
+    cols = [target] + ([retention] if retention else [])
+    lines = [f"{'wise_ft alpha':<16}" + "".join(f"{c + '/' + metric:>34}" for c in cols)]
+    for key, metrics in result["alphas"].items():
+        mark = " *" if key == alpha_key(result["selected"]) else ""
+        lines.append(f"{key[len('alpha_'):]:<16}" + "".join(f"{metrics.get(f'{c}/{metric}', float('nan')):>34.4f}" for c in cols) + mark)
+    lines.append("* = the selected alpha: the saved model and the test column (0 = the start model, 1 = the fine-tuned one)")
     return "\n".join(lines)

@@ -1,77 +1,59 @@
-"""Checkpoints and resume: what a checkpoint holds, atomic writes, latest / best / keep-last, RNG states.
+"""Checkpoint files: writing them whole, reading them safely, choosing the one to resume from.
 
-Functions of paths and state dicts (no Hydra, no MLflow):
+What a checkpoint *holds* is the trainer's decision (:meth:`clipexp.training.trainer.Trainer.state_dict`);
+this module only moves state dicts to and from files (no Hydra, no MLflow):
 
-* :func:`trainer_state` / :func:`restore_trainer`: a trainer's model (its LoRA adapters alone under
-  LoRA), weight EMA, loss, optimizer, GradScaler,
-  temperature schedule, loop position (step, epoch, batch in the epoch), OOM-recovery state, best
-  value, history, results, RNG states, MLflow run id and resolved config, and back.
-
-* :func:`save_checkpoint`: ``step_NNNNNNN.pt`` written atomically (temp file + rename, so a crash never
-  leaves half a file), then :func:`prune` keeps the last ``keep_last``; :func:`save_best` writes
-  ``best.pt`` the same way.
-* :func:`load_checkpoint`: the one function every resume path and the best-weights load go through.
-* :func:`find_latest_checkpoint` / :func:`checkpoint_candidates`: the newest ``step_*.pt`` files;
-  :mod:`clipexp.training.resume` decides which one ``trainer.resume=latest|<path>`` takes.
-* :func:`rng_state` / :func:`set_rng_state`: Python, NumPy and torch (CPU, CUDA) generators as plain
-  types and tensors (NumPy's key as a list of ints), so a checkpoint holds nothing but containers of
-  numbers, strings and tensors.
-
-What goes wrong, and what happens (README "What survives what"):
-
-* Every read is ``torch.load(weights_only=True)``: a file holding any other pickled object (one whose
-  unpickling could run code) is refused in one line naming it, before anything in it is built. A
-  checkpoint of an older clipexp (numpy arrays inside) gets one line with the command that converts it
-  (:func:`upgrade`, which allows numpy's array types and nothing else).
-* Every checkpoint has a sha256 manifest beside it (``step_NNNNNNN.pt.sha256``, ``best.pt.sha256``), written
-  with it; a file whose bytes no longer match (a flipped bit inside an intact zip) is damaged, as below.
-  A checkpoint of an older clipexp, without a manifest, loads unchecked.
-* A truncated or corrupt newest checkpoint: ``trainer.resume=latest`` names it in one warning and takes
-  the newest readable one before it; a damaged file named explicitly, or no readable file at all, is
-  one line saying which files and what to do. Never a silent fresh start.
-* A write that fails (a full disk): the temp file is removed, the previous checkpoints are untouched,
-  and :class:`CheckpointWriteError` says what failed, where, and which checkpoint to resume from.
-* A resume whose config differs from the checkpoint's in anything that changes the maths (loss, batch,
-  data, optimiser, ...) is refused with the keys that differ, unless ``trainer.resume_allow_changes``
-  (``true``, or a list of keys or group prefixes) allows them; allowed changes are logged and tagged.
+* :func:`save_checkpoint` / :func:`save_best`: ``step_NNNNNNN.pt`` and ``best.pt`` written atomically (temp file
+  + rename, :func:`clipexp.files.atomic_write`) with a sha256 manifest beside each; the last ``keep_last``
+  step checkpoints are kept. A write that fails (a full disk, a quota, a read-only folder) removes the temp file,
+  leaves every earlier checkpoint as it was and raises :class:`~clipexp.errors.WriteError` naming the last good one.
+* :func:`load_checkpoint`: every read is ``torch.load(weights_only=True)``, checked against its manifest first:
+  a file holding any other pickled object is refused before anything in it is built, an older clipexp's
+  checkpoint (numpy arrays inside) gets the command that converts it (:func:`upgrade`), a truncated, corrupt or
+  altered file is :class:`DamagedCheckpoint`.
+* :func:`pick_checkpoint` / :func:`resume_checkpoint`: what ``trainer.resume=latest|latest_or_new|<run dir>|<file>``
+  resumes from; a damaged newest checkpoint is named in a warning and the one before it taken, never a silent
+  fresh start.
+* :func:`check_config`: the checkpoint's config against this run's. Keys that change what is computed must
+  match unless ``trainer.resume_allow_changes`` allows them; keys that say where the run logs, how fast it goes
+  or how long it runs (:data:`MAY_CHANGE`) may change and are logged.
+* :func:`rng_state` / :func:`set_rng_state`: Python, NumPy and torch generators as plain types and tensors.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
 import random
-import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from clipexp.errors import ConfigError
-from clipexp.paths import checksum_path, checksum_problem, sha256_file, write_checksum
+from clipexp.errors import CheckpointError, ConfigError, UserError, WriteError
+from clipexp.files import atomic_write, checksum_path, checksum_problem, describe_os_error, sha256_file, write_checksum, write_error
 
 log = logging.getLogger(__name__)
 
 BEST = "best.pt"
 STEP_GLOB = "step_*.pt"
 FORMAT = 2  # 2: plain types and tensors only (loads with weights_only=True); 1 (no "format" key): numpy arrays inside
+LATEST, LATEST_OR_NEW = "latest", "latest_or_new"
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint ``trainer.resume`` cannot use: one line naming the file and what to do."""
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file that is truncated or corrupt (``why``: the reader's first line)."""
 
-    def __init__(self, message: str):
-        ValueError.__init__(self, message)
-        self.key, self.value, self.allowed = "trainer.resume", None, message
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (a full disk, a lost mount): what, where, and what is intact."""
+    def __init__(self, path: Path, err: BaseException):
+        first = _first_line(err).split(". ")[0]
+        if "legacy .tar format" in first:  # what torch says of a file that is no zip archive at all
+            first = "not the zip archive torch.save writes"
+        self.path, self.why = Path(path), f"truncated or corrupt: {first}"
+        super().__init__(f"trainer.resume: {path} is unreadable ({self.why})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,24 +88,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# What a checkpoint holds
+# Writing
 # --------------------------------------------------------------------------------------------------
-
-#: the trainer's loop position and bookkeeping, saved as they are
-POSITION = ("step", "epoch", "batch_in_epoch", "best_value", "best_step", "evals_without_improvement", "history", "results")
-
-
-def trainer_state(trainer) -> Dict[str, Any]:
-    """Everything an exact resume of a :class:`~clipexp.training.trainer.Trainer` needs, as plain types and tensors."""
-    return {
-        # the model's share: the adapters alone under LoRA; the EMA weights under "robust"
-        "model": trainer.robust.model_state(trainer.model), "robust": trainer.robust.state_dict(), "loss_fn": trainer.loss_fn.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
-        "temp_schedule": trainer.temp_schedule.state_dict(), "loss_temperature": float(trainer.loss_fn.temperature),
-        "oom": trainer.oom.state_dict(), **{key: plain(getattr(trainer, key)) for key in POSITION}, "rng": rng_state(),
-        "run_id": getattr(trainer.tracker, "run_id", None), "config": OmegaConf.to_container(trainer.cfg, resolve=True),
-        "format": FORMAT,
-    }
 
 
 def plain(value: Any) -> Any:
@@ -139,67 +105,48 @@ def plain(value: Any) -> Any:
     return value
 
 
-def restore_trainer(trainer, state: Dict[str, Any], changed: Sequence[str] = ()) -> None:
-    """Put :func:`trainer_state`'s ``state`` back into ``trainer`` (the RNG states included).
-
-    ``changed``: config keys the user allowed to differ from the checkpoint's. The loss's and the
-    optimizer's states are then restored where they still fit (a different loss can have other
-    parameters: those start afresh, with a warning), and a changed batch keeps the new batch size.
-    """
-    trainer.robust.load_model_state(trainer.model, state["model"])  # the adapters alone under LoRA
-    trainer.robust.load_state_dict(state.get("robust", {}))  # the EMA weights
-    parts = [("loss_fn", trainer.loss_fn), ("optimizer", trainer.optimizer), ("scaler", trainer.scaler),
-             ("temp_schedule", trainer.temp_schedule)]
-    for name, part in parts:
-        try:
-            part.load_state_dict(state[name])
-        except (ValueError, RuntimeError, KeyError) as err:
-            if not changed:
-                raise
-            log.warning("resume: the %s state does not fit the changed config (%s); it starts afresh", name, _first_line(err))
-    if trainer.cfg.loss.temperature_schedule != "constant":
-        trainer.loss_fn.temperature = state["loss_temperature"]
-    for key in POSITION:
-        setattr(trainer, key, state[key])
-    set_rng_state(state["rng"])
-    if not any(k.startswith(("trainer.batch_size", "trainer.gradient_accumulation_steps")) for k in changed):
-        trainer.oom.load_state_dict(state["oom"])
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------------
-
-
 def atomic_save(obj: Any, path: Path) -> Path:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file.
-
-    A failed write (``OSError``: a full disk, a lost mount) removes the temp file, leaves every earlier
-    checkpoint as it was and raises :class:`CheckpointWriteError` saying what, where and what is intact.
-    """
+    """``torch.save`` through a temp file beside ``path``, its sha256 manifest beside it; a crash never leaves
+    half a file. A failed write (torch's writer reports a full disk as a RuntimeError, the OS as an OSError)
+    removes the temp file, leaves every earlier checkpoint as it was and raises :class:`WriteError` saying
+    what, where and what is intact."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    digest: List[str] = []
+
+    def write(tmp: Path) -> None:
         torch.save(obj, tmp)
-        digest = sha256_file(tmp)
+        digest.append(sha256_file(tmp))
         # the old manifest goes first: a crash before the new one is written leaves an unchecked file, never a false mismatch
         checksum_path(path).unlink(missing_ok=True)
-        os.replace(tmp, path)
-        write_checksum(path, digest)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(_write_failure(path, err)) from None
+
+    try:
+        atomic_write(path, write)
+        write_checksum(path, digest[0])
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a failed write
+        why = _write_failure(err)
+        if why is None:
+            raise
+        raise WriteError(f"could not write the checkpoint {path}: {why}; nothing half-written was left in {path.parent}, "
+                         f"{_intact(path)}") from None
     return path
 
 
-def _write_failure(path: Path, err: OSError) -> str:
-    what = errno.errorcode.get(err.errno, "") if err.errno else ""
-    why = f"{err.strerror or err}" + (f" ({what})" if what else "")
+def _write_failure(err: BaseException) -> Optional[str]:
+    """Why a write failed, when ``err`` is a failed write (an OSError in its chain, or torch's zip writer failing)."""
+    os_err = write_error(err)
+    if os_err is not None:
+        return describe_os_error(os_err)
+    text = str(err)
+    if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text):
+        return _first_line(err)
+    return None
+
+
+def _intact(path: Path) -> str:
     previous = [p for p in sorted(path.parent.glob(STEP_GLOB)) if p != path]
-    kept = (f"the previous checkpoint {previous[-1]} is intact: free space in {path.parent} and resume with "
-            f"trainer.resume={previous[-1]}") if previous else f"no earlier checkpoint in {path.parent}: free space there and run again"
-    return f"could not write the checkpoint {path}: {why}; nothing half-written was left in {path.parent}, {kept}"
+    if previous:
+        return f"the previous checkpoint {previous[-1]} is intact: free space in {path.parent} and resume with trainer.resume={previous[-1]}"
+    return f"no earlier checkpoint in {path.parent}: free space there and run again"
 
 
 def step_path(ckpt_dir: Path, step: int) -> Path:
@@ -278,17 +225,6 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     return state
 
 
-class DamagedCheckpoint(CheckpointError):
-    """A checkpoint file that is truncated or corrupt (``why``: the reader's first line)."""
-
-    def __init__(self, path: Path, err: BaseException):
-        first = _first_line(err).split(". ")[0]
-        if "legacy .tar format" in first:  # what torch says of a file that is no zip archive at all
-            first = "not the zip archive torch.save writes"
-        self.path, self.why = Path(path), f"truncated or corrupt: {first}"
-        super().__init__(f"trainer.resume: {path} is unreadable ({self.why})")
-
-
 def _unsafe_globals(path: Path) -> List[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
@@ -311,6 +247,137 @@ def find_latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest ``step_*.pt`` in this run folder, or None."""
     found = checkpoint_candidates(run_dir)
     return found[0] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing what to resume from, and whether it may be resumed with this config
+# --------------------------------------------------------------------------------------------------
+
+
+def pick_checkpoint(resume: str, output_dir: Path, map_location=None) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``trainer.resume`` -> (path, state), or None for ``latest_or_new`` with nothing to resume.
+
+    ``latest`` / ``latest_or_new``: the newest readable step checkpoint of *this* run's folder; a run folder
+    (``trainer.resume=<run dir>``): the newest readable one there; a file: that checkpoint. ``latest`` skips
+    damaged files (one warning each, naming the one taken instead); an explicit file must itself be readable.
+    No other folder is ever searched."""
+    explicit = resume not in (LATEST, LATEST_OR_NEW) and Path(resume).is_file()
+    folder = Path(output_dir) if resume in (LATEST, LATEST_OR_NEW) else Path(resume)
+    paths = [Path(resume)] if explicit else checkpoint_candidates(folder)
+    if not paths and resume == LATEST_OR_NEW:
+        log.info("resume: no checkpoint in %s yet; starting a new run (trainer.resume=latest_or_new)", folder / "checkpoints")
+        return None
+    if not paths:
+        where = f"this run's folder has no checkpoint ({folder / 'checkpoints'})" if resume in (LATEST, LATEST_OR_NEW) else \
+            f"{resume} is neither a checkpoint file nor a run folder with checkpoints/step_*.pt"
+        raise ConfigError("trainer.resume", resume, f"{where}; resume a run with trainer.resume=<its run folder or checkpoint "
+                          f"file> (or hydra.run.dir=<its folder> trainer.resume=latest), or use trainer.resume=latest_or_new "
+                          f"to start fresh when there is none")
+    damaged: List[DamagedCheckpoint] = []
+    for path in paths if not explicit else paths + [p for p in sorted(paths[0].parent.glob(STEP_GLOB), reverse=True) if p != paths[0]]:
+        try:
+            state = load_checkpoint(path, map_location)
+        except DamagedCheckpoint as err:
+            damaged.append(err)
+            continue
+        if explicit and damaged:  # the named file is damaged; ``path`` is the newest good one beside it
+            raise CheckpointError(f"{damaged[0]}; the newest readable checkpoint beside it is {path}: resume with "
+                                  f"trainer.resume={path}")
+        for bad in damaged:
+            log.warning("resume: checkpoint %s is unreadable (%s); resuming from the previous one, %s", bad.path, bad.why, path)
+        return path, state
+    if explicit:
+        raise CheckpointError(f"{damaged[0]}; no other checkpoint beside it is readable: start without trainer.resume")
+    raise CheckpointError(f"trainer.resume={resume}: no readable checkpoint: {', '.join(str(d.path) for d in damaged)} are all "
+                          f"truncated or corrupt; start without trainer.resume, or point it at a good copy")
+
+
+def resume_checkpoint(cfg, output_dir: Path, dist, map_location=None) -> Optional[Tuple[Path, Dict[str, Any], List[Tuple[str, Any, Any]]]]:
+    """What ``trainer.resume=latest|latest_or_new|<run dir>|<file>`` resumes from: (path, state, the allowed
+    (key, old, new) changes), or None when ``latest_or_new`` finds nothing to resume.
+
+    Rank 0 picks the file (skipping damaged ones, see :func:`pick_checkpoint`) and sends its path
+    to the others, which must be able to read the same file (outputs on a filesystem every node
+    shares). The checkpoint's config must match this run's (:func:`config_changes`) unless the user
+    allows the difference with ``trainer.resume_allow_changes``.
+    """
+    resume = cfg.trainer.resume
+    path, state, refusal = None, None, None
+    if dist.is_main:
+        try:
+            picked = pick_checkpoint(resume, output_dir, map_location)
+            path, state = picked if picked is not None else ("", None)
+        except UserError as err:
+            refusal = err
+    path, message = dist.broadcast((path, None if refusal is None else str(refusal)))  # every rank stops alike
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise CheckpointError(message)
+    if path == "":  # latest_or_new with nothing to resume: a new run
+        return None
+    if state is None:
+        if not Path(path).is_file():
+            raise ConfigError("trainer.resume", resume, f"a checkpoint every rank can read; rank 0 found {path} but rank "
+                              f"{dist.rank} cannot: put the outputs on a filesystem every node shares")
+        state = load_checkpoint(path, map_location)
+    changed = check_config(state.get("config") or {}, OmegaConf.to_container(cfg, resolve=True), cfg.trainer.resume_allow_changes, path)
+    return path, state, changed
+
+
+#: keys that say where a run logs or how fast it goes, not what it computes: never compared
+NOT_COMPARED = ("tracking.", "trainer.resume", "trainer.progress", "trainer.logging_steps", "trainer.save_steps",
+                "trainer.keep_last", "trainer.eval_batch_size", "trainer.dist_timeout_s", "trainer.pack_captions",
+                "trainer.fused_adamw", "data.num_workers", "data.check_images", "data.cache_images", "data.cache_memory_mb",
+                "data.cache_dir", "device.channels_last", "device.compile")
+
+
+#: keys that say how long the run goes on or how it is watched, not what its steps so far computed: a resume may change
+#: them (``clipexp train trainer.resume=<run> trainer.max_steps=2000`` trains longer); the change is logged
+MAY_CHANGE = ("trainer.max_steps", "trainer.num_epochs", "trainer.eval_steps", "trainer.early_stopping_patience",
+              "trainer.resume_allow_changes")
+
+
+def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every compared key whose values differ. Keys only one of the two
+    configs has (the checkpoint predates the key, or the key was since renamed) are not compared."""
+    old, new = _flatten(saved), _flatten(current)
+    return [(k, old[k], new[k]) for k in sorted(old)
+            if k in new and not k.startswith(NOT_COMPARED) and old[k] != new[k]]
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _allowed(key: str, allow: Any) -> bool:
+    """``allow``: true (any key), false/null (none), a key or group prefix, or a list of them."""
+    if allow is True:
+        return True
+    names = [allow] if isinstance(allow, str) else list(allow or [])
+    return any(key == a or key.startswith(f"{a}.") for a in names)
+
+
+def check_config(saved: Dict[str, Any], current: Dict[str, Any], allow: Any, path: Path) -> List[Tuple[str, Any, Any]]:
+    """The changes ``allow`` covers (logged); raises :class:`CheckpointError` listing the others."""
+    changes = config_changes(saved, current)
+    refused = [c for c in changes if not (c[0] in MAY_CHANGE or _allowed(c[0], allow))]
+    if refused:
+        listed = ", ".join(f"{k}: {a} -> {b}" for k, a, b in refused)
+        keys = ",".join(k for k, _, _ in refused)
+        raise CheckpointError(f"trainer.resume: {path} was trained with a different config ({listed}); resume with the "
+                              f"checkpoint's values, or allow the change with trainer.resume_allow_changes=[{keys}] "
+                              f"(or =true for any)")
+    if changes:
+        log.warning("resume: continuing %s with a changed config: %s", path, describe_changes(changes))
+    return changes
+
+
+def describe_changes(changes: Sequence[Tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a} -> {b}" for k, a, b in changes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,13 +410,3 @@ def upgrade(path: Path) -> Path:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-if __name__ == "__main__":  # python -m clipexp.training.checkpoint upgrade <checkpoint.pt> ...
-    if len(sys.argv) < 3 or sys.argv[1] != "upgrade":
-        sys.exit("usage: python -m clipexp.training.checkpoint upgrade <checkpoint.pt> [...]")
-    for name in sys.argv[2:]:
-        try:
-            print(f"upgraded {name} (the original is {upgrade(Path(name))})")
-        except CheckpointError as err:
-            sys.exit(f"clipexp: error: {err}")

@@ -62,28 +62,6 @@ class EpochSampler(Sampler[int]):
         return max(0, self.num_batches * self.global_batch - self.start) // self.world_size
 
 
-def default_train_workers(cores: Optional[int] = None, device_type: str = "cuda") -> int:
-    """Loader workers when ``data.num_workers`` is null.
-
-    On an accelerator: half the cores (at least 1 from 2 cores, at most 4), so augmentation runs beside
-    the device step. On CPU: none below 4 cores (items are built in the main process between steps),
-    a quarter of the cores from 4 (at most 4); see :func:`default_train_threads` for the step's threads.
-    Measured on 2 cores: the quick start (tiny model, 128 px) takes 51 s with 0 workers and 59 s with one
-    persistent worker (same metrics); for the benchmark's small CLIP at 224 px one worker and in-process
-    items measured alike (a/b 0.90 both), so ``data.num_workers=1`` is only worth trying for heavier
-    augmentation on small CPUs. Inside a launcher's worker process
-    (joblib/loky): 0, since nested loader processes are not allowed there.
-    ``cores``: the cores this process may use (default: all; under torchrun, its share of the node)."""
-    import multiprocessing
-
-    if multiprocessing.parent_process() is not None:
-        return 0
-    cores = cores or os.cpu_count() or 1
-    if device_type == "cpu":
-        return 0 if cores < 4 else min(4, cores // 4)
-    return 0 if cores < 2 else min(4, max(1, cores // 2))
-
-
 def default_train_threads(cores: int, workers: int) -> int:
     """CPU training: the step's intra-op threads beside ``workers`` loader processes.
 
@@ -158,18 +136,17 @@ def build_train_loader(dataset, sampler: EpochSampler, num_workers: Optional[int
     resume point: ``set_epoch`` writes the epoch to shared memory before each epoch's ``iter()``, and
     only then does the loader hand the workers that epoch's indices.
     """
-    from clipexp.data.dataloader import collate_fn
+    from clipexp.data.dataloader import build_loader, default_num_workers
 
     cores = max(1, (os.cpu_count() or 1) // local_world_size)  # this process's share of the node
-    workers = num_workers if num_workers is not None else default_train_workers(cores, device_type)
+    workers = num_workers if num_workers is not None else default_num_workers(cores, device_type)
     if device_type == "cpu":
         torch.set_num_threads(train_threads(cores, workers))
     if getattr(dataset, "is_stream", False):  # data=webdataset: its own loader (steps_per_epoch from the shards)
         from clipexp.data.webdataset import StreamLoader
 
-        return StreamLoader(dataset, sampler, workers, collate_fn=collate_fn, pin_memory=device_type == "cuda")
-    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=device_type == "cuda", drop_last=False)
+        return build_loader(dataset, sampler=sampler, num_workers=workers, pin_memory=device_type == "cuda", loader_class=StreamLoader)
+    return build_loader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers, pin_memory=device_type == "cuda")
 
 
 def stop_workers(loader: Optional[DataLoader]) -> None:

@@ -79,6 +79,14 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (one all-reduce of one number; ``flag`` itself in one process)."""
+        if not self.enabled:
+            return bool(flag)
+        box = torch.tensor([1.0 if flag else 0.0], device=self.device or torch.device("cpu"))
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return bool(box.item() > 0)
+
     def gather(self, obj: Any, dst: int = 0) -> Optional[List[Any]]:
         """``[obj of rank 0, obj of rank 1, ...]`` on rank ``dst``; None on the others. Keep tensors on CPU."""
         if not self.enabled:

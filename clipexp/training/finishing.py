@@ -1,68 +1,130 @@
-"""The end of a run on rank 0: plots, ``metrics.json``, ``config.yaml``, ``model/`` and the MLflow model; a full disk there.
+"""The end of a run on rank 0, and ``clipexp export``: plots, ``metrics.json``, ``config.yaml``, ``model/``, the MLflow model.
 
-:func:`write_run_outputs` is the last part of :meth:`clipexp.training.trainer.Trainer.finish`. When the disk fills
-while it writes (``ENOSPC`` or ``EDQUOT`` anywhere in the error's chain: a plot, ``metrics.json``, ``model/``, or the
-LoggedModel, whose other failures are only reported), it keeps what matters and says how to finish:
-
-* the checkpoints are not touched (``best.pt``, the weights the outputs are made of, and the last step checkpoint,
-  which holds the config and the results);
-* the MLflow run is kept and tagged ``failure`` with the reason (the trainer's cleanup then marks it FAILED);
-* :class:`ExportWriteError` says, in one line, what could not be written, what is kept, and the command that
-  writes the outputs from the checkpoints once there is space: ``python -m clipexp.training.export <run folder>``
-  (:mod:`clipexp.training.export`).
+:func:`write_run_outputs` takes plain data (:class:`RunOutputs`) and the objects it saves (model, processor, loss,
+tracker), never the trainer. When a write fails there (a full disk, a quota, a read-only folder: anywhere in the
+error's chain, in a plot, ``metrics.json``, ``model/`` or the LoggedModel), it keeps what matters and says how to
+finish: the checkpoints are not touched (``best.pt`` holds the weights the outputs are made of, the last step
+checkpoint the config and the results), the MLflow run is kept and tagged ``failure`` (the task then marks it
+FAILED), and a :class:`~clipexp.errors.WriteError` says in one line what could not be written, what is kept, and
+the command that writes the outputs from the checkpoints once it can: ``clipexp export <run folder>`` (:func:`export`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from clipexp.paths import disk_full_error
+from clipexp.errors import ConfigError, WriteError
+from clipexp.files import describe_os_error, write_error
 from clipexp.serving.logged_model import publish_model
+from clipexp.tracking import plots
 from clipexp.tracking.outputs import write_outputs, write_plots
-from clipexp.training.checkpoint import BEST
 
 
-class ExportWriteError(RuntimeError):
-    """The outputs at the end of a run could not be written (a full disk): one line with the command that finishes them."""
+@dataclass
+class RunOutputs:
+    """What the end of a run writes, as plain data."""
+
+    output_dir: Path
+    cfg: Any                                # the resolved run config (written as config.yaml)
+    hydra_dir: Optional[Path]               # Hydra's .hydra/ folder, logged beside the config
+    results: Dict[str, Any]                 # baseline / final / best / test (/ wise_ft) metrics
+    history: Dict[str, List[tuple]]         # every logged metric as (step, value)
+    best_value: Optional[float]
+    best_step: Optional[int]
+    steps: int                              # optimizer steps taken
+    result: Optional[Dict[str, Any]]        # the last evaluation with the best weights (metrics, confusion, embeddings)
+    split: Optional[str]                    # its split: test, or val without a test split
+    dataset: Any                            # that split's dataset (captions for the heatmap)
+    class_names: List[str]
+    wise: Optional[Dict[str, Any]]          # WiSE-FT's alphas and selection, when it ran
+    retention: Optional[str]                # the eval_data set's name, when there is one
+    eval_batch_size: int
+    test_pairs: Optional[Sequence[Any]]
+    best_checkpoint: Path
+    last_checkpoint: Optional[Path]
 
 
 def export_command(output_dir: Path) -> str:
-    return f"python -m clipexp.training.export {output_dir}"
+    return f"clipexp export {output_dir}"
 
 
-def write_run_outputs(trainer: Any, result: Optional[Dict[str, Any]], split: Optional[str], wise: Optional[Dict[str, Any]]) -> None:
-    """Plots of ``result`` (the ``split`` evaluation with the best weights), the WiSE-FT plot, then
-    :func:`~clipexp.tracking.outputs.write_outputs` with the serving spec and the pyfunc model; raises
-    :class:`ExportWriteError` when the disk fills."""
-    t = trainer
-    out = Path(t.output_dir)
+def write_run_outputs(run: RunOutputs, model: Any, processor: Any, loss_fn: Any, tracker: Any) -> None:
+    """Plots of ``run.result``, the WiSE-FT plot, then :func:`~clipexp.tracking.outputs.write_outputs` with the
+    serving spec and the pyfunc model; raises :class:`WriteError` when a write fails."""
+    out, cfg = Path(run.output_dir), run.cfg
     try:
-        write_plots(out / "plots", result, getattr(t.data, split) if split else None, split, t.data.class_names, t.history)
-        if wise is not None:
-            t.robust.plot_wise_ft(wise, out / "plots" / "wise_ft.png", t.extra_eval[0] if t.extra_eval else None)
-        summary = {**t.results, "monitor": t.cfg.trainer.monitor, "best_value": t.best_value, "best_step": t.best_step, "steps": t.step}
+        write_plots(out / "plots", run.result, run.dataset, run.split, run.class_names, run.history)
+        if run.wise is not None:
+            metric = str(cfg.trainer.monitor).rsplit("/", 1)[-1]
+            points = list(run.wise["alphas"].values())
+            retention = [m.get(f"{run.retention}/{metric}") for m in points] if run.retention else None
+            plots.wise_ft_curve([float(a) for a in cfg.trainer.wise_ft.alphas], [m.get(f"val/{metric}") for m in points], retention,
+                                out / "plots" / "wise_ft.png", retention_name=run.retention or "retention", metric=metric)
+        summary = {**run.results, "monitor": cfg.trainer.monitor, "best_value": run.best_value, "best_step": run.best_step,
+                   "steps": run.steps}
 
         def publish(model_dir: Path) -> None:  # clipexp_inference.json, SHA256SUMS, test_split.csv, the pyfunc model
-            publish_model(t.tracker, model_dir, t.cfg, class_names=t.data.class_names, loss_fn=t.loss_fn, model=t.model,
-                          step=t.step, best_value=t.best_value, eval_batch_size=t.eval_batch_size,
-                          test_pairs=getattr(t.data.test, "pairs", None))
+            publish_model(tracker, model_dir, cfg, class_names=run.class_names, loss_fn=loss_fn, model=model, step=run.steps,
+                          best_value=run.best_value, eval_batch_size=run.eval_batch_size, test_pairs=run.test_pairs)
 
-        write_outputs(out, t.cfg, summary, t.model, t.processor, t.tracker, t.hydra_dir, publish=publish)
-    except Exception as err:
-        full = disk_full_error(err)
-        if full is None:
+        write_outputs(out, cfg, summary, model, processor, tracker, run.hydra_dir, publish=publish)
+    except Exception as err:  # noqa: BLE001 - re-raised unless a write failed
+        failed = write_error(err)
+        if failed is None:
             raise
-        line = disk_full_line(t, full)
-        t.tracker.set_tags({"failure": line})
-        raise ExportWriteError(line) from None
+        line = _write_failure_line(run, failed, tracker)
+        tracker.set_tags({"failure": line})
+        raise WriteError(line) from None
 
 
-def disk_full_line(trainer: Any, err: OSError) -> str:
-    out, best = Path(trainer.output_dir), Path(trainer.ckpt_dir) / BEST
+def _write_failure_line(run: RunOutputs, err: OSError, tracker: Any) -> str:
+    out = Path(run.output_dir)
     what = f"{err.filename}: " if err.filename else ""
-    kept = [str(best) if best.is_file() else None, str(trainer.last_checkpoint) if trainer.last_checkpoint else None]
-    run = f" and the MLflow run {trainer.tracker.run_id}" if getattr(trainer.tracker, "enabled", False) else ""
-    return (f"the disk filled while writing the run's outputs ({what}{err.strerror or err}); the checkpoints "
-            f"{' and '.join(k for k in kept if k)}{run} are kept: free space in {out}, then write the outputs from the "
-            f"checkpoints with `{export_command(out)}`")
+    kept = [str(run.best_checkpoint) if Path(run.best_checkpoint).is_file() else None,
+            str(run.last_checkpoint) if run.last_checkpoint else None]
+    mlflow_run = f" and the MLflow run {tracker.run_id}" if getattr(tracker, "enabled", False) else ""
+    return (f"could not write the run's outputs ({what}{describe_os_error(err)}); the checkpoints "
+            f"{' and '.join(k for k in kept if k)}{mlflow_run} are kept: free space in {out} (or make it writable), then write "
+            f"the outputs from the checkpoints with `{export_command(out)}`")
+
+
+def export(run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """``clipexp export <run folder> [key=value ...]``: write a finished run's outputs from its checkpoints.
+
+    The config and the loop position come from the run folder's newest readable step checkpoint (the last step's:
+    it holds the resolved config, the history and the results), the weights from ``best.pt``; the trainer is rebuilt
+    as the run had it and resumed at its last step, so nothing is trained: the test evaluation with the best weights
+    (and WiSE-FT, when the run used it), the plots, ``metrics.json``, ``config.yaml``, ``model/`` and the MLflow model
+    are written, and the MLflow run is marked FINISHED (tagged ``exported_by``). ``key=value`` overrides apply on top
+    of the checkpoint's config (``tracking.uri=...`` for a store that moved); keys that change what was computed are
+    refused as a resume would refuse them. Returns the run's results."""
+    from omegaconf import OmegaConf
+
+    from clipexp.config.schema import RunConfig
+    from clipexp.training.checkpoint import checkpoint_candidates, pick_checkpoint
+    from clipexp.training.trainer import Trainer
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not checkpoint_candidates(run_dir):
+        raise ConfigError("run folder", str(run_dir), f"a run folder with step checkpoints (there is no checkpoint in "
+                                                      f"{run_dir / 'checkpoints'}): the export writes a run's outputs from them")
+    path, state = pick_checkpoint(str(run_dir), run_dir, "cpu")  # the newest readable step checkpoint, or one line
+    if not state.get("config"):
+        raise ConfigError("run folder", str(run_dir), f"a run folder whose checkpoints hold their config ({path} has none)")
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state["config"], OmegaConf.from_dotlist(list(overrides)))
+    cfg.trainer.resume = str(run_dir)
+    hydra_dir = run_dir / ".hydra"
+    trainer = Trainer(cfg, run_dir, hydra_dir=hydra_dir if hydra_dir.is_dir() else None)
+    try:
+        trainer.setup()
+        if trainer.global_step < trainer.plan.total_steps:
+            raise ConfigError("run folder", str(run_dir), f"a run that finished training ({path} is step {trainer.global_step} of "
+                                                          f"{trainer.plan.total_steps}); resume it with `clipexp train "
+                                                          f"trainer.resume={run_dir}`")
+        results = trainer.train()  # at the last step: only the end of the run (finish) runs
+        trainer.tracker.set_tags({"exported_by": export_command(run_dir)})
+        return results
+    finally:
+        trainer.cleanup()

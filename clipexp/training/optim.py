@@ -1,21 +1,21 @@
-"""Optimizer and schedules: AdamW with decay on weight matrices only, warmup + cosine LR, the temperature.
+"""Optimizer and schedules: AdamW with decay on weight matrices only, warm-up + cosine learning rate, the
+run's length (:class:`StepPlan`).
 
-``build_optimizer`` and ``build_temperature_schedule`` are the trainer's builders (they read the run
-config's ``trainer`` and ``loss`` sections); ``lr_at`` is a plain function, and the parameter groups
-(weight decay; layer-wise, head and temperature rates) are :func:`clipexp.finetune.param_groups`.
+``build_optimizer`` and ``plan_steps`` read the run config's ``trainer`` section; ``lr_at`` is a plain
+function, and the parameter groups (weight decay; layer-wise, head and temperature rates) are
+:func:`clipexp.finetune.param_groups`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, List, Tuple
 
 import torch
-from omegaconf import read_write
 
 from clipexp.finetune.layer_decay import param_groups
-from clipexp.losses.temperature_scheduler import TemperatureScheduler
 
 log = logging.getLogger(__name__)
 WARMUP_FRACTION = 0.1
@@ -34,27 +34,44 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ra
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def fit_step_settings(trainer_cfg: Any, total_steps: int) -> int:
-    """Scale, in place, the step-based settings that do not fit a run of ``total_steps`` and name them in one
-    warning (before the first step); returns ``total_steps``. The defaults (warm-up 500, evaluation every 500,
-    a checkpoint every 1000 steps) suit long runs; a 300-step run on a small CSV would otherwise never leave
-    warm-up. ``warmup_steps >= total_steps`` becomes 10% of the steps; ``eval_steps`` / ``save_steps`` above
-    ``total_steps`` become ``total_steps`` (the run evaluates and saves at its last step anyway: the logged
-    config then says what happens). Values that fit are never touched."""
-    t, changes = trainer_cfg, []
-    if t.warmup_steps and t.warmup_steps >= total_steps:
-        changes.append(("warmup_steps", int(WARMUP_FRACTION * total_steps), f"{WARMUP_FRACTION:.0%} of the steps"))
+@dataclass(frozen=True)
+class StepPlan:
+    """The run's length and step intervals, worked out once from ``trainer.*`` and the data (logged as
+    ``derived.*`` params; the config is never rewritten)."""
+
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    eval_steps: int
+    save_steps: int
+
+    @property
+    def epochs(self) -> float:
+        """How many passes over the training split the run makes (``max_steps`` wins over ``num_epochs``)."""
+        return self.total_steps / max(1, self.steps_per_epoch)
+
+
+def plan_steps(trainer_cfg: Any, steps_per_epoch: int) -> StepPlan:
+    """``trainer.max_steps`` (else ``num_epochs`` epochs) and the step settings that fit it.
+
+    The defaults (warm-up 500, evaluation every 500, a checkpoint every 1000 steps) suit long runs; a 300-step
+    run on a small CSV would otherwise never leave warm-up. So ``warmup_steps >= total_steps`` becomes 10% of
+    the steps, and ``eval_steps`` / ``save_steps`` above ``total_steps`` become ``total_steps`` (the run
+    evaluates and saves at its last step anyway), named in one warning. Values that fit are kept."""
+    t = trainer_cfg
+    total = int(t.max_steps or t.num_epochs * steps_per_epoch)
+    chosen = {"warmup_steps": int(t.warmup_steps), "eval_steps": int(t.eval_steps), "save_steps": int(t.save_steps)}
+    changes = []
+    if chosen["warmup_steps"] and chosen["warmup_steps"] >= total:
+        changes.append(("warmup_steps", int(WARMUP_FRACTION * total), f"{WARMUP_FRACTION:.0%} of the steps"))
     for key, what in (("eval_steps", "an evaluation at the last step only"), ("save_steps", "a checkpoint at the last step only")):
-        if t[key] > total_steps:
-            changes.append((key, total_steps, what))
+        if chosen[key] > total:
+            changes.append((key, total, what))
     if changes:
-        said = ", ".join(f"trainer.{key} {t[key]} -> {new} ({what})" for key, new, what in changes)
-        with read_write(t):
-            for key, new, _ in changes:
-                t[key] = new
-        log.warning("this run has %d steps; settings that did not fit are scaled: %s; set them below %d to choose",
-                    total_steps, said, total_steps)
-    return total_steps
+        log.warning("this run has %d steps; settings that did not fit are scaled: %s; set them below %d to choose", total,
+                    ", ".join(f"trainer.{key} {chosen[key]} -> {new} ({what})" for key, new, what in changes), total)
+        chosen.update({key: new for key, new, _ in changes})
+    return StepPlan(total_steps=total, steps_per_epoch=int(steps_per_epoch), **chosen)
 
 
 def build_optimizer(trainer_cfg: Any, model: torch.nn.Module, loss_fn: torch.nn.Module, device_type: str,
@@ -81,13 +98,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def trainable_parameters(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
-
-
-def build_temperature_schedule(loss_cfg: Any, total_steps: int) -> TemperatureScheduler:
-    """The ``loss.temperature_schedule`` over the run's steps (applied every step unless ``constant``)."""
-    c = loss_cfg
-    return TemperatureScheduler(
-        initial_temp=c.temperature, min_temp=c.min_temp, max_temp=c.max_temp, warmup_steps=c.temp_warmup_steps,
-        total_steps=total_steps, schedule_type=c.temperature_schedule, decay_rate=c.temp_decay_rate,
-        patience=c.temp_patience, factor=c.temp_factor,
-    )

@@ -21,16 +21,10 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from clipexp.device import DeviceError
-from clipexp.errors import ConfigError
-from clipexp.models.clip import ModelLoadError
-from clipexp.tracking.outputs import summary_table
+from clipexp.errors import UserError
+from clipexp.tracking.outputs import summary_table, wise_ft_table
 from clipexp.training import distributed
-from clipexp.training.checkpoint import CheckpointWriteError
-from clipexp.training.finishing import ExportWriteError
-from clipexp.training.oom import BatchTooLargeError
-from clipexp.training.robust import wise_ft_table
-from clipexp.training.trainer import NonFiniteLossError, Trainer
+from clipexp.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +42,6 @@ def run(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from clipexp.data.problems import DataValidationError
-
     if distributed.env_world_size() > 1 and int(os.environ.get("RANK", "0")) > 0:
         _quiet_this_rank()
     hc = HydraConfig.get()
@@ -59,29 +51,27 @@ def run(cfg: DictConfig) -> Optional[float]:
     tags = {"job_num": hc.job.num, "sweep_dir": str(Path(hc.sweep.dir).resolve())} if multirun else {}
     trainer = Trainer(cfg, output_dir, list(hc.overrides.task), hydra_dir, tags=tags)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    user_errors = (ConfigError, DeviceError, ModelLoadError, DataValidationError, NonFiniteLossError, BatchTooLargeError,
-                   CheckpointWriteError, ExportWriteError)
     try:
         trainer.setup()
         results = trainer.train()
     except KeyboardInterrupt:
         if trainer.dist.enabled:
-            _stop_rank(trainer, None, user_errors)
+            _stop_rank(trainer, None)
         trainer.cleanup("KILLED")
-        print(f"clipexp: interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint}", file=sys.stderr)
+        print(interrupted_line(trainer), file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         if trainer.dist.enabled:
-            _stop_rank(trainer, err, user_errors)
+            _stop_rank(trainer, err)
         trainer.cleanup("FAILED")
-        expected = isinstance(err, user_errors)
+        expected = isinstance(err, UserError)
         if multirun:
             log.error("job %s failed: %s", hc.job.num, err, exc_info=not expected)
             print(f"clipexp: job {hc.job.num} failed: {err}", file=sys.stderr)
             return float("nan")
         if expected:
             print(f"clipexp: error: {err}", file=sys.stderr)
-            sys.exit(EXIT_FAILED if isinstance(err, (NonFiniteLossError, ExportWriteError)) else EXIT_USAGE)
+            sys.exit(err.exit_code)
         raise
     except BaseException:
         trainer.cleanup("FAILED")
@@ -93,13 +83,21 @@ def run(cfg: DictConfig) -> Optional[float]:
         print(summary_table(results, trainer.best_step))
         if "wise_ft" in results:
             retention = trainer.extra_eval[0] if trainer.extra_eval else None
-            print(wise_ft_table(results["wise_ft"], "val", retention, trainer.robust.wise_ft_metric))
+            print(wise_ft_table(results["wise_ft"], "val", retention, str(cfg.trainer.monitor).rsplit("/", 1)[-1]))
         print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
     return trainer.best_value
 
 
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def interrupted_line(trainer: Trainer) -> str:
+    """What an interrupted run prints: where it stopped and the command that continues it."""
+    if trainer.last_checkpoint is None:
+        return f"clipexp: interrupted at step {trainer.global_step}, before the first checkpoint: nothing to resume"
+    return (f"clipexp: interrupted at step {trainer.global_step}; checkpoint: {trainer.last_checkpoint}; continue with "
+            f"`clipexp train trainer.resume={trainer.output_dir}`")
 
 
 def _quiet_this_rank() -> None:
@@ -114,7 +112,7 @@ def _quiet_this_rank() -> None:
     warnings.simplefilter("ignore")
 
 
-def _stop_rank(trainer: "Trainer", err: Optional[BaseException], user_errors: tuple) -> None:
+def _stop_rank(trainer: "Trainer", err: Optional[BaseException]) -> None:
     """End this rank of a torchrun job after an error (``err``) or an interrupt (``err=None``); never returns.
 
     The job ends with one line that says which rank failed and why, whatever rank prints it:
@@ -132,14 +130,14 @@ def _stop_rank(trainer: "Trainer", err: Optional[BaseException], user_errors: tu
     """
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut this cleanup short
         signal.signal(sig, signal.SIG_IGN)
-    ctx, step = trainer.dist, trainer.step + 1
+    ctx, step = trainer.dist, trainer.global_step + 1
     own_failure = err is not None and not distributed.is_collective_error(err)
     if own_failure:
-        expected = isinstance(err, user_errors)
+        expected = isinstance(err, UserError)
         what = str(err) if expected else f"{type(err).__name__}: {_first_line(err)}"
         ctx.report("failed", f"rank {ctx.rank} failed at step {step}: {what}")
         status, show = "FAILED", ctx.is_main or not expected
-        code = EXIT_FAILED if isinstance(err, NonFiniteLossError) or not expected else EXIT_USAGE
+        code = err.exit_code if expected else EXIT_FAILED
         line = f"clipexp: error: {err}" if expected else f"clipexp: error: rank {ctx.rank}: {what}"
         if not expected:
             traceback.print_exception(err)
@@ -152,7 +150,7 @@ def _stop_rank(trainer: "Trainer", err: Optional[BaseException], user_errors: tu
             with contextlib.suppress(Exception):  # another rank was interrupted first: save here too
                 trainer.save_checkpoint(wait=False)
         status, code, show = "KILLED", EXIT_INTERRUPTED, ctx.is_main
-        line = f"clipexp: interrupted at step {trainer.step}; checkpoint: {trainer.last_checkpoint}"
+        line = interrupted_line(trainer)
     else:
         reason = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(err))  # gloo prefixes its source location
         status, code, show = "FAILED", EXIT_FAILED, True

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from clipexp.errors import UserError
-from clipexp.serving.embeddings import PredictError, read_embeddings
+from clipexp.serving.embeddings import EmbeddingsError, read_embeddings
 from clipexp.serving.predict import main
 
 RES = 32
@@ -155,6 +155,6 @@ def test_a_predictions_csv_or_a_file_without_fingerprint_is_one_line(setup, tmp_
     line = _error(capsys)
     assert line.startswith(f"clipexp.serving.predict: error: --embeddings {bogus}: not a parquet file (") and \
         line.endswith("); give the .parquet, .csv or .npy file embed wrote")
-    with pytest.raises(PredictError) as exc:
+    with pytest.raises(EmbeddingsError) as exc:
         read_embeddings(tmp_path / "emb.txt")
     assert isinstance(exc.value, UserError)

@@ -349,7 +349,7 @@ def _served(run, tmp_path, monkeypatch, file_root=None, **env):
     spec = json.loads((model_dir / "clipexp_inference.json").read_text())
     spec["serve_file_root"] = None if file_root is None else str(file_root)
     (model_dir / "clipexp_inference.json").write_text(json.dumps(spec))
-    from clipexp.paths import write_folder_manifest
+    from clipexp.files import write_folder_manifest
 
     write_folder_manifest(model_dir)  # the operator's edit, re-sealed
     for key, value in env.items():

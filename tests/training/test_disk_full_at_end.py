@@ -70,7 +70,7 @@ def test_disk_full_at_the_end_keeps_the_checkpoint_and_the_run_and_the_export_co
     from mlflow.tracking import MlflowClient
 
     from clipexp.cli.train import compose_and_validate
-    from clipexp.paths import checksum_problem
+    from clipexp.files import checksum_problem
     from clipexp.serving.inference import CLIPInference
     from clipexp.training.export import main as export_main
     from clipexp.training.finishing import ExportWriteError

@@ -1,14 +1,18 @@
-"""A CLIP ready to train: the memory levers applied, and the two towers as one module for DDP."""
+"""A model ready to train: loaded, LoRA adapters and the memory levers applied; the two towers as one module for DDP."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import logging
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
 
+from clipexp.finetune.lora import apply_lora
 from clipexp.models.clip import image_features, text_features
 from clipexp.models.loading import load_clip
+
+log = logging.getLogger(__name__)
 
 
 class DualEncoder(nn.Module):
@@ -75,23 +79,34 @@ def apply_levers(model: nn.Module, *, lock_image: bool = False, lock_text: bool 
     return model
 
 
-def build_training_model(model_cfg: Any, device_cfg: Any, device: torch.device,
-                         prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> Tuple[nn.Module, Any]:
-    """``(model, processor)`` from a run config's ``model`` and ``device`` sections (any object with
-    the keys of ``ModelConfig`` / ``DeviceConfig``), levers applied, on ``device``. A built model's
-    weights follow the caller's seed. ``prepare(model) -> model`` runs on the loaded model before the
-    levers (the trainer keeps the start weights there and adds LoRA adapters: a locked tower then
-    freezes its adapters too)."""
+def load_training_model(model_cfg: Any) -> Tuple[nn.Module, Any]:
+    """``(model, processor)`` of a run config's ``model`` section (any object with the keys of ``ModelConfig``), as
+    loaded: a built model's weights follow the caller's seed."""
     m = model_cfg
     arch = dict(m.architecture) if m.architecture is not None else None
-    model, processor = load_clip(m.name_or_path, arch, m.image_resolution, m.max_sequence_length,
-                                 image_interpolation=m.image_interpolation, family=getattr(m, "family", None),
-                                 arch=getattr(m, "arch", None), pretrained=getattr(m, "pretrained", None))
-    if prepare is not None:
-        model = prepare(model)
-    apply_levers(model, lock_image=m.lock_image, lock_text=m.lock_text, gradient_checkpointing=m.gradient_checkpointing,
-                 channels_last=device_cfg.channels_last, compile=device_cfg.compile)
-    return model.to(device), processor
+    return load_clip(m.name_or_path, arch, m.image_resolution, m.max_sequence_length, image_interpolation=m.image_interpolation,
+                     family=getattr(m, "family", None), arch=getattr(m, "arch", None), pretrained=getattr(m, "pretrained", None))
+
+
+def prepare_for_training(model: nn.Module, model_cfg: Any, device_cfg: Any) -> nn.Module:
+    """LoRA adapters (``model.lora.r`` > 0; a locked tower then freezes its adapters too), then the levers: locked
+    towers, activation checkpointing, channels-last, ``torch.compile``. Returns the model to train."""
+    m = model_cfg
+    lora = getattr(m, "lora", None)
+    if lora is not None and lora.r:
+        model = apply_lora(model, int(lora.r), float(lora.alpha), list(lora.target_modules), float(lora.dropout))
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        log.info("LoRA r=%d alpha=%g on %s: %d of %d parameters train (%.2f%%)", lora.r, lora.alpha, ",".join(lora.target_modules),
+                 n_train, n_all, 100 * n_train / max(1, n_all))
+    return apply_levers(model, lock_image=m.lock_image, lock_text=m.lock_text, gradient_checkpointing=m.gradient_checkpointing,
+                        channels_last=device_cfg.channels_last, compile=device_cfg.compile)
+
+
+def build_training_model(model_cfg: Any, device_cfg: Any, device: torch.device) -> Tuple[nn.Module, Any]:
+    """``(model, processor)``: :func:`load_training_model` then :func:`prepare_for_training`, on ``device``."""
+    model, processor = load_training_model(model_cfg)
+    return prepare_for_training(model, model_cfg, device_cfg).to(device), processor
 
 
 def quiet_transformers() -> None:
