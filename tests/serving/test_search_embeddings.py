@@ -36,10 +36,10 @@ def _save_model(folder: Path, seed: int, arch) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose
 
     tmp = tmp_path_factory.mktemp("search")
-    arch = compose_and_validate(["model=tiny"]).model.architecture
+    arch = compose(["model=tiny"]).model.architecture
     images = tmp / "images"
     images.mkdir()
     rng = np.random.RandomState(0)
