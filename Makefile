@@ -24,6 +24,7 @@ test: setup
 
 docs: setup
 	$(BIN)/python -m clipexp.config.reference > docs/reference/configuration.md   # regenerate the reference
+	$(BIN)/python -m clipexp.config.reference --trainer-yaml > conf/trainer/default.yaml
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: setup

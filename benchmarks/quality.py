@@ -133,7 +133,7 @@ def per_class_recall(run_dir: Path) -> Dict[str, float]:
 
 
 def run_one(name: str, overrides: List[str], seed: int) -> Dict:
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import train
 
     cfg = compose_and_validate(["experiment=quickstart", *overrides, f"seed={seed}", "tracking.enabled=false",

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 def test_split(tmp: Path, uri: str, model: str | None):
     """(run id, the 200 test image paths): trains `experiment=smoke` on all 2,000 images for 2 steps when no model is given."""
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import Trainer
 
     overrides = ["experiment=smoke", "data.max_samples=null", "trainer.max_steps=2", f"tracking.uri={uri}", "tracking.pyfunc_model=true"]

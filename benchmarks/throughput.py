@@ -227,7 +227,7 @@ def clipexp_setup(args, images_on_disk: bool = False) -> SimpleNamespace:
     """(a)'s run config, device, model, processor and datasets, made by the trainer's own builders (the
     same seed: the same weights and the same train split). ``images_on_disk``: no image cache and no
     decoding up front (for (b) and (c), which read a few images or decode their own)."""
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.data.dataloader import collate_fn
     from clipexp.device import build_device
     from clipexp.models.training import build_training_model
@@ -251,7 +251,7 @@ def clipexp_setup(args, images_on_disk: bool = False) -> SimpleNamespace:
 def measure_clipexp(args, extra: tuple = ()) -> Dict[str, Any]:
     import torch
 
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import Trainer
 
     spec = model_spec(args)

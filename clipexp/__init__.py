@@ -37,6 +37,8 @@ _EXPORTS = {
     "SigLIPLoss": "clipexp.losses.siglip",
     "TemperatureScheduler": "clipexp.losses.temperature_scheduler",
     "evaluate_retrieval": "clipexp.evaluate",
+    "evaluate_heads": "clipexp.heads",
+    "load_heads": "clipexp.heads",
     "Trainer": "clipexp.training.trainer",
     "train": "clipexp.training.trainer",
 }

@@ -12,3 +12,5 @@ CACHE_MODES = ("auto", "memory", "disk", "none")
 INTERPOLATION_NAMES = ("bicubic", "bilinear", "nearest")  # clipexp.data.images.INTERPOLATIONS
 ACCUMULATION = ("plain", "exact")
 MONITOR_MODES = ("max", "min")
+HEADS = ("zero_shot", "prototype", "knn", "linear", "tip")  # clipexp.heads: classifiers on the image embeddings
+CONFORMAL_SCORES = ("lac", "aps")  # clipexp.heads.conformal: conformity scores of the prediction sets

@@ -63,9 +63,9 @@ def _threads(request):
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(*overrides) -> the composed, validated run config (as the CLI composes it)."""
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
 
-    return lambda *overrides: compose_and_validate(list(overrides))
+    return lambda *overrides: compose_and_validate(list(overrides), check_files=False)
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def run_cli(tmp_path):
 def tiny_controller():
     import torch
 
-    from clipexp.config.validate import CLIPFinetuningConfig
+    from clipexp.config.notes import CLIPFinetuningConfig
     from clipexp.models.loading import CLIPFinetuningController
 
     torch.manual_seed(0)

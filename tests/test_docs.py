@@ -11,6 +11,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_the_trainer_file_documents_every_key_once_from_the_schema(compose_cfg):
+    """conf/trainer/default.yaml is generated from the schema: every trainer key, once, with its comment; and what it
+    composes to is the schema's default (or the domain's, for the learning rate and the epochs)."""
+    import dataclasses
+
+    from clipexp.config.reference import render_trainer_yaml
+    from clipexp.config.schema import TrainerConfig
+
+    committed = (ROOT / "conf" / "trainer" / "default.yaml").read_text()
+    assert committed == render_trainer_yaml(), "run: python -m clipexp.config.reference --trainer-yaml > conf/trainer/default.yaml"
+    keys = [line.split(":", 1)[0] for line in committed.splitlines() if line and not line.startswith(("#", " "))]
+    assert keys == [f.name for f in dataclasses.fields(TrainerConfig)]
+    assert all(" # " in line and line.split(" # ", 1)[1].strip() for line in committed.splitlines() if line and not line.startswith("#"))
+    composed = compose_cfg("domain=medical").trainer
+    assert (composed.learning_rate, composed.num_epochs) == (3e-5, 15)  # the domain's
+    assert composed.warmup_steps == TrainerConfig.warmup_steps and composed.monitor == TrainerConfig.monitor
+
+
 def test_configuration_reference_is_the_generated_one():
     from clipexp.config.reference import render
 

@@ -1,5 +1,6 @@
 """The package layout is the architecture: layers import only downwards, the library knows no Hydra or MLflow,
-no import circle, small modules, few top-level modules, and no name imported only to be passed on."""
+no import circle, nothing below the recipe receives the Trainer, one module per concern (a handful in training/,
+few at the top level), and no name imported only to be passed on."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipexp"
 
 # bottom to top; a module may import from its own layer or any layer below it, never from one above
 LAYERS = [
-    {"errors", "names", "paths"},
+    {"errors", "names", "paths", "files"},
     {"device"},
-    {"models", "data", "losses", "finetune"},  # the library
+    {"models", "data", "losses", "finetune", "heads"},  # the library
     {"evaluate"},
     {"config"},
     {"tracking"},
     {"serving"},
     {"training"},
-    {"cli", "__main__", "predict"},
+    {"cli", "__main__"},
 ]
 LIBRARY = LAYERS[2]
 FRAMEWORKS = ("hydra", "omegaconf", "mlflow")
@@ -99,9 +100,30 @@ def test_no_import_circle():
             visit(module)
 
 
-def test_module_sizes_and_top_level_count():
-    long = {str(p.relative_to(PACKAGE.parent)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > 450}
-    assert not long, f"modules over 450 lines: {long}"
+def test_nothing_below_the_recipe_receives_the_trainer():
+    """The Trainer hands plain data (and the objects it saves) to tracking, serving and finishing: no module but the
+    recipe and its task (which runs a config, or rebuilds a finished run's trainer for ``clipexp export``) imports it, and no function elsewhere takes
+    a ``trainer`` argument."""
+    allowed = {"clipexp.training.trainer", "clipexp.training.task", "clipexp.cli.train"}
+    importers = sorted(a for a, bs in GRAPH.items() if "clipexp.training.trainer" in bs and a not in allowed)
+    assert not importers, f"modules that import the Trainer: {importers}"
+    takers = []
+    for name, path in MODULES.items():
+        if name in ("clipexp.training.trainer", "clipexp.training.task"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "trainer" in {a.arg for a in node.args.args}:
+                takers.append(f"{name}.{node.name}")
+    assert not takers, f"functions that receive the trainer: {takers}"
+
+
+def test_one_module_per_concern_in_few_modules():
+    """Files are split by concern, not by length: the recipe may read top to bottom in one file (about 700 lines at
+    most, as every module); training/ holds at most 10 modules, the top level at most 8."""
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > 700}
+    assert not long, f"modules over 700 lines: {long}"
+    training = sorted(p.name for p in (PACKAGE / "training").glob("*.py") if p.name != "__init__.py")
+    assert len(training) <= 10, f"{len(training)} modules in clipexp/training/: {training}"
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 8, f"{len(top)} modules directly in clipexp/: {top}"
 

@@ -136,7 +136,7 @@ def test_too_many_bad_samples_stop_the_run_with_one_line(tmp_path, textile_shard
 def _rank_main(out: Path, shards: Path) -> None:
     import torch.distributed as dist
 
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import Trainer
 
     cfg = compose_and_validate(["experiment=smoke", "device=cpu", "tracking.enabled=false", "data=webdataset",
@@ -144,11 +144,11 @@ def _rank_main(out: Path, shards: Path) -> None:
                                 "trainer.batch_size=5", "trainer.max_steps=100", "trainer.dist_timeout_s=120"])
     trainer = Trainer(cfg, out / "run").setup()
     batches, seen = trainer._logical_batches(), []
-    for _ in range(2 * trainer.steps_per_epoch):
+    for _ in range(2 * trainer.plan.steps_per_epoch):
         batch = next(batches)
         seen.append([trainer.epoch, batch["indices"].tolist()])
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {"steps_per_epoch": trainer.steps_per_epoch, "seen": seen})
+    dist.all_gather_object(everyone, {"steps_per_epoch": trainer.plan.steps_per_epoch, "seen": seen})
     if dist.get_rank() == 0:
         (out / "seen.json").write_text(json.dumps(everyone))
     trainer.cleanup()

@@ -81,7 +81,7 @@ def export(argv: List[str]) -> int:
     import logging
 
     from clipexp.tracking.outputs import summary_table
-    from clipexp.training.finishing import export as export_run
+    from clipexp.training.task import export as export_run
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

@@ -12,18 +12,20 @@ from __future__ import annotations
 from typing import Sequence
 
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from clipexp.config.reference import config_groups
 from clipexp.config.schema import register_configs
 from clipexp.config.validate import check_group_options, check_override_keys, first_lines, validate
-from clipexp.errors import ConfigError, UsageError
+from clipexp.errors import UsageError
 from clipexp.paths import CONF_DIR
 
 #: the sections a group file fills with a class's arguments (their keys are checked against the class)
 COMPONENTS = ("loss", "temperature_schedule")
 
 
-def _compose(overrides: Sequence[str]) -> DictConfig:
+def compose_unchecked(overrides: Sequence[str]) -> DictConfig:
+    """The run config Hydra composes from ``overrides`` (composition errors as one line; nothing else checked)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -51,7 +53,7 @@ def check_command_line(overrides: Sequence[str]) -> None:
     # the loss and schedule the command line chooses (its group options and presets, without its key=value overrides)
     choices = [o for o in overrides if "=" in o and (o.split("=", 1)[0].lstrip("+~") in groups or o.startswith(("+experiment", "experiment")))
                and "," not in o.split("=", 1)[1]]
-    chosen = _compose(choices)
+    chosen = compose_unchecked(choices)
     check_override_keys(overrides, groups, {section: chosen[section] for section in COMPONENTS})
 
 
@@ -60,11 +62,9 @@ def compose(overrides: Sequence[str] = (), check_files: bool = True) -> DictConf
     :class:`~clipexp.errors.ConfigError` / :class:`~clipexp.errors.UsageError` (one line) on the first problem."""
     overrides = list(overrides)
     check_command_line(overrides)
-    cfg = _compose(overrides)
+    cfg = compose_unchecked(overrides)
     try:
         validate(cfg, check_files=check_files)
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - e.g. a missing mandatory value or a bad interpolation
+    except OmegaConfBaseException as err:  # a missing mandatory value (???) or an interpolation that does not resolve
         raise UsageError(first_lines(err)) from None
     return cfg

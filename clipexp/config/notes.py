@@ -2,22 +2,36 @@
 
 Its field names are the notes' (``model_name``, ``learning_rate``, ``loss_type``, ``temperature_schedule_type``...);
 :meth:`CLIPFinetuningConfig.to_run_dict` turns it into the nested run config ``clipexp train`` composes: the schema's
-defaults, the loss and temperature schedule from their files in ``conf/`` (the same YAMLs a command line chooses), the
-fields on top, checked by the same :func:`~clipexp.config.validate.validate`. So
+defaults as ``clipexp train`` composes them for the flat config's domain, loss and schedule, the fields on top, checked by
+the same :func:`~clipexp.config.validate.validate`. So
 ``Trainer(OmegaConf.create(config.to_run_dict()), ...)`` trains what the flat config says.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from clipexp.config.schema import RunConfig
 from clipexp.config.validate import validate
 from clipexp.errors import ConfigError
 from clipexp.models.clip import ArchitectureConfig
 from clipexp.paths import CONF_DIR
+
+
+@functools.lru_cache(maxsize=32)
+def _composed(domain: str, loss: str, schedule: str) -> Dict[str, Any]:
+    """The unresolved run config of ``domain=... loss=... temperature_schedule=...`` (composed once per choice)."""
+    from omegaconf import OmegaConf
+
+    from clipexp.config.compose import compose_unchecked
+
+    for group, option in (("domain", domain), ("loss", loss), ("temperature_schedule", schedule)):
+        _group_file(group, option)  # an unknown option: one line naming the flat field and the options
+    cfg = compose_unchecked([f"domain={domain}", f"loss={loss}", f"temperature_schedule={schedule}"])
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def _group_file(group: str, option: str) -> Dict[str, Any]:
@@ -27,7 +41,7 @@ def _group_file(group: str, option: str) -> Dict[str, Any]:
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.is_file():
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ConfigError({"loss": "loss_type", "temperature_schedule": "temperature_schedule_type"}[group], option,
+        raise ConfigError({"loss": "loss_type", "temperature_schedule": "temperature_schedule_type"}.get(group, group), option,
                           "one of " + ", ".join(options))
     return OmegaConf.to_container(OmegaConf.load(path))
 
@@ -128,13 +142,11 @@ class CLIPFinetuningConfig:
         validate(nested, check_files=False)
 
     def to_run_dict(self) -> Dict[str, Any]:
-        """The nested run-config dict this view stands for (resolved): the schema's defaults, ``conf/loss/<loss_type>``
-        and ``conf/temperature_schedule/<temperature_schedule_type>``, then the fields."""
+        """The nested run config this view stands for (resolved): what ``clipexp train domain=<domain> loss=<loss_type>
+        temperature_schedule=<temperature_schedule_type>`` composes, with the fields on top."""
         from omegaconf import OmegaConf
 
-        nested: Dict[str, Any] = dataclasses.asdict(RunConfig())
-        nested["loss"] = _group_file("loss", self.loss_type)
-        nested["temperature_schedule"] = _group_file("temperature_schedule", self.temperature_schedule_type)
+        nested = copy.deepcopy(_composed(self.domain, self.loss_type, self.temperature_schedule_type))
         for flat, dotted in FLAT_TO_NESTED.items():
             key = dotted.split(".", 1)[1] if dotted.startswith("loss.") else None
             if key is None or key in nested["loss"]:  # a loss field only where this loss has the argument

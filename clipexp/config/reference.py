@@ -33,6 +33,7 @@ GROUPS: Dict[str, str] = {
     "device": "where to train; precision auto = bf16 where supported",
     "trainer": "steps, batch, warm-up, evaluation, checkpoints (trainer.<key>=...)",
     "tracking": "MLflow on or off (tracking.uri, tracking.experiment, tracking.system_metrics)",
+    "eval": "heads on the image embeddings: few-shot classifiers, calibrated probabilities, prediction sets",
     "eval_data": "an extra evaluation-only set (e.g. what fine-tuning forgets)",
     "experiment": "presets that set several groups and keys at once",
     "hparams_search": "Optuna search over hyperparameters (with -m)",
@@ -270,5 +271,50 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+#: trainer keys whose default is the domain's (an interpolation in the generated file)
+FROM_DOMAIN = {"learning_rate": "${domain.learning_rate}", "num_epochs": "${domain.num_epochs}"}
+
+
+def _yaml_value(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def render_trainer_yaml() -> str:
+    """``conf/trainer/default.yaml``: every trainer key once, with its schema default and the schema's comment, in the
+    schema's sections (torchtune-style: the file documents what it sets)."""
+    from clipexp.config.schema import TrainerConfig
+
+    source = inspect.getsource(sys.modules[TrainerConfig.__module__])
+    docs = _field_docs(TrainerConfig)
+    node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == TrainerConfig.__name__)
+    lines = source.splitlines()
+    out = ["# The trainer: every key once, with its default and what it does. Set any on the command line (trainer.max_steps=500).",
+           "# Generated from clipexp/config/schema.py (TrainerConfig) by `python -m clipexp.config.reference --trainer-yaml`;",
+           "# edit the schema, not this file (tests/test_docs.py checks they agree)."]
+    fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+    previous = node.body[0].lineno - 1
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        for header in lines[previous:stmt.lineno - 1]:
+            if header.strip().startswith("# ---"):
+                out += ["", "# " + header.strip()[len("# ---"):].strip()]
+        previous = stmt.lineno
+        name, f = stmt.target.id, fields[stmt.target.id]
+        default = _schema_default(f)
+        if dataclasses.is_dataclass(default):
+            out.append(f"{name}:{'':<{max(1, 31 - len(name))}}# {docs[name]}")
+            sub_docs = _field_docs(type(default))
+            for sub in dataclasses.fields(default):
+                value = _yaml_value(getattr(default, sub.name))
+                out.append(f"  {sub.name}: {value:<{max(1, 27 - len(sub.name))}} # {sub_docs.get(sub.name, '')}")
+            continue
+        value = FROM_DOMAIN.get(name) or _yaml_value(default)
+        out.append(f"{name}: {value:<{max(1, 30 - len(name))}} # {docs[name]}")
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    sys.stdout.write(render_trainer_yaml() if "--trainer-yaml" in sys.argv else render())

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from clipexp.models.clip import ArchitectureConfig
+from clipexp.names import HEADS
 
 # --------------------------------------------------------------------------------------------------
 # Schemas (registered in Hydra's ConfigStore by ``register_configs``)
@@ -135,39 +136,43 @@ class WiseFTConfig:
 
 @dataclass
 class TrainerConfig:
+    # --- Optimisation (learning_rate and num_epochs come from the domain unless set here or on the command line)
     learning_rate: float = 5e-5  # peak learning rate, after warm-up (default: the domain's)
-    batch_size: Optional[int] = None  # null = automatic
-    eval_batch_size: Optional[int] = None  # null = batch_size
+    batch_size: Optional[int] = None  # micro-batch per process; null = automatic (the largest that fits; an estimate on CPU/MPS)
     num_epochs: int = 10  # run length when max_steps is null (default: the domain's)
-    max_steps: Optional[int] = None  # set: overrides num_epochs
-    warmup_steps: int = 500
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (wins over num_epochs)
+    warmup_steps: int = 500  # linear warm-up, then cosine decay to 0 (scaled to 10% of a shorter run)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    accumulation: str = "plain"
+    accumulation: str = "plain"  # plain: micro-batch losses averaged | exact: GradCache, the whole logical batch as negatives
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW decay, never on norms, biases, embeddings or the temperature
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.98  # AdamW beta2
     adam_eps: float = 1e-6  # AdamW epsilon
     fused_adamw: bool = True  # fused AdamW (used on CUDA only)
     pack_captions: bool = True  # each distinct caption of a batch encoded once, padding cut to the longest
-    save_steps: int = 1000  # write a step checkpoint every N optimizer steps
-    eval_steps: int = 500  # evaluate on val every N optimizer steps
+    # --- Evaluation, checkpoints and logging (in optimizer steps; intervals longer than the run are scaled to it)
+    eval_at_start: bool = True  # evaluate before the first step: the pre-fine-tuning baseline, logged at step 0
+    eval_steps: int = 500  # evaluate on val every N optimizer steps (and at the last step)
+    eval_batch_size: Optional[int] = None  # null = max(batch_size, 32)
+    save_steps: int = 1000  # write a step checkpoint every N optimizer steps (and at the last step)
     logging_steps: int = 100  # log train/* metrics every N optimizer steps
-    eval_at_start: bool = True
-    monitor: str = "val/t2i_R1"
+    monitor: str = "val/t2i_R1"  # the metric that picks the best checkpoint (best.pt, tested at the end) and stops early
     monitor_mode: str = "max"  # max | min: which direction of trainer.monitor is better
     keep_last: int = 2  # step checkpoints kept (best.pt is kept apart)
-    early_stopping_patience: Optional[int] = None
-    resume: Optional[str] = None  # latest | latest_or_new | <run folder> | <checkpoint file>: this run's folder or the one named
-    resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change (docs/fault-tolerance.md)
+    early_stopping_patience: Optional[int] = None  # evaluations without improvement before stopping; null = off
     progress: bool = True  # show the progress bar
-    dist_timeout_s: int = 1800  # torchrun: a collective waiting longer than this fails the job
-    # Robust fine-tuning (docs/robust-finetuning.md)
+    # --- Resume (docs/fault-tolerance.md)
+    resume: Optional[str] = None  # latest | latest_or_new | <run folder> | <checkpoint file>: this run's folder or the one named
+    resume_allow_changes: Any = False  # true, or keys / group prefixes the resumed run may change
+    # --- torchrun (docs/distributed.md): global batch = batch_size x processes x gradient_accumulation_steps
+    dist_timeout_s: int = 1800  # a collective waiting longer than this fails the job (no hang)
+    # --- Robust fine-tuning (docs/robust-finetuning.md)
     layer_decay: Optional[float] = None  # per tower: layer i of L gets lr x decay^(L - i); null = off
     head_lr: Optional[float] = None  # projection heads; null = learning_rate
     logit_scale_lr: Optional[float] = None  # the temperature (logit scale, a loss's own temperature/bias); null = learning_rate
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    wise_ft: WiseFTConfig = field(default_factory=WiseFTConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)  # an exponential moving average of the weights
+    wise_ft: WiseFTConfig = field(default_factory=WiseFTConfig)  # weight-space ensembles of the start and the fine-tuned model
 
 
 @dataclass
@@ -186,6 +191,26 @@ class TrackingConfig:
 
 
 @dataclass
+class ConformalConfig:
+    alpha: float = 0.1  # miscoverage: a prediction set holds the true class with probability >= 1 - alpha
+    score: str = "lac"  # lac: 1 - p (the smallest sets; can be empty) | aps: cumulative probability (adaptive; never empty)
+    mondrian: bool = False  # one threshold per class: 1 - alpha within every class, not only over all
+
+
+@dataclass
+class EvalConfig:
+    """Heads on the image embeddings (docs/heads.md): fitted on the training split, calibrated on val, measured
+    on val and test at the end of a run."""
+
+    heads: List[str] = field(default_factory=lambda: list(HEADS))  # zero_shot | prototype | knn | linear | tip
+    shots: List[int] = field(default_factory=list)  # k-shot protocol: examples per class, e.g. [1,2,4,8,16]; [] = off
+    draws: int = 5  # seeded k-shot draws per number of shots (mean +- std)
+    calibrate: bool = True  # temperature scaling per head, fitted on val by NLL
+    conformal: ConformalConfig = field(default_factory=ConformalConfig)
+    at_each_eval: bool = False  # also fit the heads and log val/<head>/... at every evaluation
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     domain: DomainConfig = field(default_factory=DomainConfig)
@@ -199,6 +224,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval_data: Optional[EvalDataConfig] = None  # eval_data=<option>: an extra evaluation-only data source
+    eval: EvalConfig = field(default_factory=EvalConfig)  # heads, calibration and prediction sets at the end of a run
     seed: int = 42  # seeds weights of built models, splits, order, augmentation
     optimized_metric: Optional[str] = None  # set by hparams_search presets (documentation only)
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional
 from clipexp.config.schema import EvalDataConfig, RunConfig
 from clipexp.errors import ConfigError, UsageError
 from clipexp.evaluate import LOWER_IS_BETTER, split_metric_names
+from clipexp.heads import check_options as check_eval_options
 from clipexp.names import (
     ACCUMULATION,
     CACHE_MODES,
@@ -208,6 +209,9 @@ def validate(cfg: Any, check_files: bool = True) -> None:
                                                             "it may read images from")
     _check_robust(cfg)
     _check_eval_data(cfg)
+    if _get(cfg, "eval") is not None:  # the heads' options (clipexp.heads.check_options): eval.heads, shots, draws, conformal.*
+        check_eval_options(list(_get(cfg, "eval.heads")), list(_get(cfg, "eval.shots")), _get(cfg, "eval.draws"),
+                           _get(cfg, "eval.conformal.alpha"), _get(cfg, "eval.conformal.score"))
     check_monitor(cfg)
     if check_files:
         check_paths(cfg)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipexp.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from clipexp.files import write_folder_manifest
+from clipexp.files import write_folder_manifest, write_text
 from clipexp.tracking import plots
 from clipexp.tracking.tracker import flatten, git_commit, make_tracker, overrides_run_name, source_tags
 
@@ -125,7 +125,7 @@ def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, pr
     artifacts: those, ``.hydra/`` and ``plots/`` (written before). ``publish(model_dir)`` runs once
     ``model/`` is saved and before it is logged (the serving spec and the pyfunc model)."""
     metrics_path = output_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(summary, indent=2))
+    write_text(metrics_path, json.dumps(summary, indent=2))
     config_path = output_dir / "config.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)
     model_dir = output_dir / "model"

@@ -6,7 +6,8 @@ error's chain, in a plot, ``metrics.json``, ``model/`` or the LoggedModel), it k
 finish: the checkpoints are not touched (``best.pt`` holds the weights the outputs are made of, the last step
 checkpoint the config and the results), the MLflow run is kept and tagged ``failure`` (the task then marks it
 FAILED), and a :class:`~clipexp.errors.WriteError` says in one line what could not be written, what is kept, and
-the command that writes the outputs from the checkpoints once it can: ``clipexp export <run folder>`` (:func:`export`).
+the command that writes the outputs from the checkpoints once it can: ``clipexp export <run folder>``
+(:func:`clipexp.training.task.export`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from clipexp.errors import ConfigError, WriteError
+from clipexp.errors import WriteError
 from clipexp.files import describe_os_error, write_error
 from clipexp.serving.logged_model import publish_model
 from clipexp.tracking import plots
@@ -88,43 +89,3 @@ def _write_failure_line(run: RunOutputs, err: OSError, tracker: Any) -> str:
     return (f"could not write the run's outputs ({what}{describe_os_error(err)}); the checkpoints "
             f"{' and '.join(k for k in kept if k)}{mlflow_run} are kept: free space in {out} (or make it writable), then write "
             f"the outputs from the checkpoints with `{export_command(out)}`")
-
-
-def export(run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """``clipexp export <run folder> [key=value ...]``: write a finished run's outputs from its checkpoints.
-
-    The config and the loop position come from the run folder's newest readable step checkpoint (the last step's:
-    it holds the resolved config, the history and the results), the weights from ``best.pt``; the trainer is rebuilt
-    as the run had it and resumed at its last step, so nothing is trained: the test evaluation with the best weights
-    (and WiSE-FT, when the run used it), the plots, ``metrics.json``, ``config.yaml``, ``model/`` and the MLflow model
-    are written, and the MLflow run is marked FINISHED (tagged ``exported_by``). ``key=value`` overrides apply on top
-    of the checkpoint's config (``tracking.uri=...`` for a store that moved); keys that change what was computed are
-    refused as a resume would refuse them. Returns the run's results."""
-    from omegaconf import OmegaConf
-
-    from clipexp.config.schema import RunConfig
-    from clipexp.training.checkpoint import checkpoint_candidates, pick_checkpoint
-    from clipexp.training.trainer import Trainer
-
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not checkpoint_candidates(run_dir):
-        raise ConfigError("run folder", str(run_dir), f"a run folder with step checkpoints (there is no checkpoint in "
-                                                      f"{run_dir / 'checkpoints'}): the export writes a run's outputs from them")
-    path, state = pick_checkpoint(str(run_dir), run_dir, "cpu")  # the newest readable step checkpoint, or one line
-    if not state.get("config"):
-        raise ConfigError("run folder", str(run_dir), f"a run folder whose checkpoints hold their config ({path} has none)")
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state["config"], OmegaConf.from_dotlist(list(overrides)))
-    cfg.trainer.resume = str(run_dir)
-    hydra_dir = run_dir / ".hydra"
-    trainer = Trainer(cfg, run_dir, hydra_dir=hydra_dir if hydra_dir.is_dir() else None)
-    try:
-        trainer.setup()
-        if trainer.global_step < trainer.plan.total_steps:
-            raise ConfigError("run folder", str(run_dir), f"a run that finished training ({path} is step {trainer.global_step} of "
-                                                          f"{trainer.plan.total_steps}); resume it with `clipexp train "
-                                                          f"trainer.resume={run_dir}`")
-        results = trainer.train()  # at the last step: only the end of the run (finish) runs
-        trainer.tracker.set_tags({"exported_by": export_command(run_dir)})
-        return results
-    finally:
-        trainer.cleanup()

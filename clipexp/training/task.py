@@ -17,13 +17,14 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from clipexp.errors import UserError
+from clipexp.errors import ConfigError, UserError
 from clipexp.tracking.outputs import summary_table, wise_ft_table
 from clipexp.training import distributed
+from clipexp.training.finishing import export_command
 from clipexp.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -172,3 +173,42 @@ def _stop_rank(trainer: "Trainer", err: Optional[BaseException]) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def export(run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """``clipexp export <run folder> [key=value ...]``: write a finished run's outputs from its checkpoints.
+
+    The config and the loop position come from the run folder's newest readable step checkpoint (the last step's:
+    it holds the resolved config, the history and the results), the weights from ``best.pt``; the trainer is rebuilt
+    as the run had it and resumed at its last step, so nothing is trained: the test evaluation with the best weights
+    (and WiSE-FT, when the run used it), the plots, ``metrics.json``, ``config.yaml``, ``model/`` and the MLflow model
+    are written, and the MLflow run is marked FINISHED (tagged ``exported_by``). ``key=value`` overrides apply on top
+    of the checkpoint's config (``tracking.uri=...`` for a store that moved); keys that change what was computed are
+    refused as a resume would refuse them. Returns the run's results."""
+    from omegaconf import OmegaConf
+
+    from clipexp.config.schema import RunConfig
+    from clipexp.training.checkpoint import checkpoint_candidates, pick_checkpoint
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not checkpoint_candidates(run_dir):
+        raise ConfigError("run folder", str(run_dir), f"a run folder with step checkpoints (there is no checkpoint in "
+                                                      f"{run_dir / 'checkpoints'}): the export writes a run's outputs from them")
+    path, state = pick_checkpoint(str(run_dir), run_dir, "cpu")  # the newest readable step checkpoint, or one line
+    if not state.get("config"):
+        raise ConfigError("run folder", str(run_dir), f"a run folder whose checkpoints hold their config ({path} has none)")
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state["config"], OmegaConf.from_dotlist(list(overrides)))
+    cfg.trainer.resume = str(run_dir)
+    hydra_dir = run_dir / ".hydra"
+    trainer = Trainer(cfg, run_dir, hydra_dir=hydra_dir if hydra_dir.is_dir() else None)
+    try:
+        trainer.setup()
+        if trainer.global_step < trainer.plan.total_steps:
+            raise ConfigError("run folder", str(run_dir), f"a run that finished training ({path} is step {trainer.global_step} of "
+                                                          f"{trainer.plan.total_steps}); resume it with `clipexp train "
+                                                          f"trainer.resume={run_dir}`")
+        results = trainer.train()  # at the last step: only the end of the run (finish) runs
+        trainer.tracker.set_tags({"exported_by": export_command(run_dir)})
+        return results
+    finally:
+        trainer.cleanup()

@@ -117,8 +117,8 @@ class Trainer:
             self.load_checkpoint(*found)
         # the module the step runs: the two towers, under DDP with several processes, except for exact accumulation
         # of several micro-batches (GradCache runs the towers itself and averages once, in step())
-        self.exact = t.accumulation == "exact" and t.gradient_accumulation_steps > 1
-        self.encoder = DualEncoder(self.model) if self.exact else self.dist.wrap(DualEncoder(self.model), self.device)
+        exact = t.accumulation == "exact" and t.gradient_accumulation_steps > 1
+        self.encoder = DualEncoder(self.model) if exact else self.dist.wrap(DualEncoder(self.model), self.device)
         facts = self.facts()
         tags = run_tags(cfg, self.overrides, self.output_dir, device=f"{self.device_info.type}:{self.device_info.name}",
                         precision=self.device_info.precision, loss=self.loss_fn.name, extra=self.extra_tags)
@@ -180,15 +180,18 @@ class Trainer:
     def step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One optimizer step on one logical batch; returns the loss output (``loss``: the logical batch's) and ``grad_norm``."""
         # forward + backward; out of memory: the same logical batch again, in micro-batches half as large
-        ok, out = memory.attempt(self._forward_backward, memory.split_batch(batch, self.micro.size))
+        micro_batches = memory.split_batch(batch, self.micro.size)
+        ok, out = memory.attempt(self._forward_backward, micro_batches)
         while not ok:
             self._after_out_of_memory()
-            ok, out = memory.attempt(self._forward_backward, memory.split_batch(batch, self.micro.size))
+            micro_batches = memory.split_batch(batch, self.micro.size)
+            ok, out = memory.attempt(self._forward_backward, micro_batches)
         # one check (one wait for the device) per step: a NaN in any micro-batch makes the sum NaN, and raising
         # here, before the update, keeps the weights of the last good step
         self._check_finite(out["loss"])
         # several processes: DDP averaged the towers' gradients in the last backward; the rest are averaged here
-        self.dist.average_gradients(trainable_parameters(self.optimizer) if self.exact else self._loss_only_parameters())
+        exact = self._exact(len(micro_batches))
+        self.dist.average_gradients(trainable_parameters(self.optimizer) if exact else self._loss_only_parameters())
         # the update
         t = self.cfg.trainer
         self.scaler.unscale_(self.optimizer)
@@ -203,7 +206,7 @@ class Trainer:
 
     def _forward_backward(self, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Gradients of the logical batch's loss in ``.grad``; returns the loss output with the batch's loss."""
-        if self.exact:  # GradCache: the loss over the whole logical batch, its gradient pushed through each micro-batch
+        if self._exact(len(micro_batches)):  # GradCache: the loss over the whole batch, its gradient pushed through each micro-batch
             return exact_accumulation_step(self.model, self._loss, micro_batches, device=self.device, autocast=self.device_info.autocast,
                                            loss_scale=self.scaler, logit_scale=self.model.logit_scale, prepare=self.to_device)
         total = sum(b["pixel_values"].shape[0] for b in micro_batches)
@@ -219,6 +222,10 @@ class Trainer:
             part = out["loss"].detach() * weight
             loss_sum = part if loss_sum is None else loss_sum + part
         return {**out, "loss": loss_sum}
+
+    def _exact(self, micro_batches: int) -> bool:
+        """Exact (GradCache) accumulation: asked for, and the logical batch is in several micro-batches."""
+        return self.cfg.trainer.accumulation == "exact" and micro_batches > 1
 
     def _loss(self, img: torch.Tensor, txt: torch.Tensor, group_ids: Optional[torch.Tensor] = None,
               labels: Optional[torch.Tensor] = None, logit_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

@@ -5,11 +5,13 @@ settings scaled to a short run with one warning."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from omegaconf import OmegaConf
 
-from clipexp.config.checks import check_override_keys, eval_metric_names, known_keys
+from clipexp.config.compose import check_command_line
+from clipexp.config.validate import eval_metric_names, known_keys
 from clipexp.errors import ConfigError
 from clipexp.evaluate import split_metric_names
 
@@ -60,14 +62,26 @@ def test_known_keys_reach_optional_sections():
 ])
 def test_unknown_keys_name_the_nearest(override, message):
     with pytest.raises(ConfigError) as info:
-        check_override_keys([override], groups=["experiment"])
+        check_command_line([override])
     assert str(info.value).startswith(message) and str(info.value).endswith("(`clipexp train --help-all` lists every key)")
 
 
-def test_known_keys_groups_and_additions_pass():
-    check_override_keys(["experiment=smoke", "model=tiny", "trainer.max_steps=3", "+trainer.extra=1", "hydra.run.dir=x",
-                         "hydra/launcher=parallel", "model.architecture.vision_hidden_size=32", "loss.temperature=0.03,0.07"],
-                        groups=["experiment", "model"])
+@pytest.mark.parametrize("known,misspelt,message", [
+    ("trainer.max_steps=3", "trainer.max_step=3", "did you mean trainer.max_steps?"),
+    ("model.architecture.vision_hidden_size=32", "model.architectur.vision_hidden_size=32", "did you mean model.architecture"),
+    ("loss.temperature=0.03,0.07", "loss.temprature=0.03,0.07", "did you mean loss.temperature?"),
+    ("temperature_schedule=cosine temperature_schedule.min_temp=0.02", "temperature_schedule=cosine temperature_schedule.min_tmp=0.02",
+     "did you mean temperature_schedule.min_temp?"),
+    ("loss=multi_scale loss.base_temperature=0.05", "loss=multi_scale loss.temperature=0.05", "did you mean loss.base_temperature?"),
+    ("loss=siglip loss.init_bias=-5", "loss.siglip_init_bias=-5", "it moved: use loss.init_bias"),
+    ("temperature_schedule=warmup", "loss.temperature_schedule=warmup", "it moved: use temperature_schedule=<option>"),
+])
+def test_keys_pass_where_a_near_miss_is_named(known, misspelt, message):
+    """Each known key (schema keys, the chosen loss's and schedule's arguments, sweeps, additions) passes, and the
+    near miss beside it is refused naming the right one: the check knows which keys each loss has."""
+    check_command_line(["experiment=smoke", "+trainer.extra=1", "hydra.run.dir=x", "hydra/launcher=joblib", *known.split()])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_command_line(["experiment=smoke", *misspelt.split()])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -96,18 +110,19 @@ def test_cli_errors_are_one_line_before_the_model_loads(run_cli, args, message):
 
 # ------------------------------------------------------------------------------- step-based settings
 def _trainer(**values):
-    t = OmegaConf.create({"warmup_steps": 500, "eval_steps": 500, "save_steps": 1000, **values})
-    OmegaConf.set_readonly(t, True)  # as a composed config may be
+    t = OmegaConf.create({"max_steps": 300, "num_epochs": 1, "warmup_steps": 500, "eval_steps": 500, "save_steps": 1000, **values})
+    OmegaConf.set_readonly(t, True)  # as a composed config may be: the plan is computed, the config never rewritten
     return t
 
 
 def test_step_settings_that_do_not_fit_are_scaled_with_one_warning(caplog):
-    from clipexp.training.optim import fit_step_settings
+    from clipexp.training.optim import plan_steps
 
     t = _trainer()
     with caplog.at_level(logging.WARNING, logger="clipexp.training.optim"):
-        assert fit_step_settings(t, 300) == 300
-    assert (t.warmup_steps, t.eval_steps, t.save_steps) == (30, 300, 300)
+        plan = plan_steps(t, steps_per_epoch=25)
+    assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.save_steps, plan.epochs) == (300, 30, 300, 300, 12.0)
+    assert (t.warmup_steps, t.eval_steps, t.save_steps) == (500, 500, 1000)
     assert [r.getMessage() for r in caplog.records] == [
         "this run has 300 steps; settings that did not fit are scaled: trainer.warmup_steps 500 -> 30 (10% of the steps), "
         "trainer.eval_steps 500 -> 300 (an evaluation at the last step only), trainer.save_steps 1000 -> 300 (a checkpoint at "
@@ -115,12 +130,12 @@ def test_step_settings_that_do_not_fit_are_scaled_with_one_warning(caplog):
 
 
 def test_step_settings_that_fit_are_left_alone(caplog):
-    from clipexp.training.optim import fit_step_settings
+    from clipexp.training.optim import plan_steps
 
-    t = _trainer(warmup_steps=30, eval_steps=100, save_steps=300)
     with caplog.at_level(logging.WARNING, logger="clipexp.training.optim"):
-        fit_step_settings(t, 300)
-    assert (t.warmup_steps, t.eval_steps, t.save_steps) == (30, 100, 300) and not caplog.records
-    t = _trainer(warmup_steps=0, eval_steps=2, save_steps=2)  # experiment=smoke-like
-    fit_step_settings(t, 4)
-    assert (t.warmup_steps, t.eval_steps, t.save_steps) == (0, 2, 2)
+        plan = plan_steps(_trainer(warmup_steps=30, eval_steps=100, save_steps=300), steps_per_epoch=25)
+    assert (plan.warmup_steps, plan.eval_steps, plan.save_steps) == (30, 100, 300) and not caplog.records
+    plan = plan_steps(_trainer(max_steps=4, warmup_steps=0, eval_steps=2, save_steps=2), steps_per_epoch=12)  # experiment=smoke-like
+    assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.save_steps) == (4, 0, 2, 2)
+    plan = plan_steps(_trainer(max_steps=None, num_epochs=3), steps_per_epoch=25)  # num_epochs when max_steps is null
+    assert (plan.total_steps, plan.epochs) == (75, 3.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipexp.config.reference import config_groups
-from clipexp.config.validate import CLIPFinetuningConfig, validate
+from clipexp.config.notes import CLIPFinetuningConfig, validate
 from clipexp.errors import ConfigError
 
 GROUP_OPTIONS = [(g, o) for g, opts in config_groups().items() for o in opts]
@@ -32,8 +32,13 @@ def _needs(group, option):
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_option_composes(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}", *_needs(group, option))
-    if group in ("model", "domain", "loss"):
+    if group in ("model", "domain"):
         assert cfg[group].name == option
+    if group in ("loss", "temperature_schedule"):  # a class and its arguments, instantiated as the trainer does
+        from hydra.utils import instantiate
+
+        built = instantiate(cfg[group], **({"initial_temp": 0.07, "total_steps": 10} if group == "temperature_schedule" else {}))
+        assert (built.name if group == "loss" else built.schedule_type) == option
     if group == "device":
         assert cfg.device.type == option
 
@@ -54,10 +59,11 @@ def test_domain_flows_into_trainer_and_loss(compose_cfg):
 
 @pytest.mark.parametrize("model", ["siglip_base", "siglip2_base", "tiny_siglip"])
 def test_siglip_family_trains_with_the_sigmoid_loss_unless_another_is_chosen(compose_cfg, model):
-    assert compose_cfg(f"model={model}").loss.name == "siglip"
-    assert compose_cfg(f"model={model}", "loss=contrastive").loss.name == "contrastive"
-    assert compose_cfg("experiment=quickstart", f"model={model}").loss.name == "contrastive"  # the preset names its loss
-    assert compose_cfg("model=tiny").loss.name == compose_cfg("model=tiny_open_clip").loss.name == "contrastive"
+    siglip, contrastive = "clipexp.losses.SigLIPLoss", "clipexp.losses.CLIPContrastiveLoss"
+    assert compose_cfg(f"model={model}").loss._target_ == siglip
+    assert compose_cfg(f"model={model}", "loss=contrastive").loss._target_ == contrastive
+    assert compose_cfg("experiment=quickstart", f"model={model}").loss._target_ == contrastive  # the preset names its loss
+    assert compose_cfg("model=tiny").loss._target_ == compose_cfg("model=tiny_open_clip").loss._target_ == contrastive
 
 
 def test_trainer_keys_override(compose_cfg):
@@ -76,12 +82,21 @@ def test_trainer_keys_override(compose_cfg):
         (["data.train_split=0.5"], "clipexp: error: data.train_split+val_split+test_split=0.7 is invalid: the three splits must sum to 1"),
         (["trainer.batch_size=0"], "clipexp: error: trainer.batch_size=0 is invalid: null (automatic) or an integer >= 1"),
         (["device=tpu"], "clipexp: error: device='tpu' is invalid: one of auto, cpu, cuda, mps"),
-        (["loss.mining_strategy=easy"], "clipexp: error: loss.mining_strategy='easy' is invalid: one of semi-hard, hard, weighted"),
-        (["loss.temperature_schedule=linear"], "clipexp: error: loss.temperature_schedule='linear' is invalid: one of constant, warmup, cosine, exponential, adaptive"),
+        (["loss=hard_negative", "loss.mining_strategy=easy"], "clipexp: error: loss.mining_strategy='easy' is invalid: one of semi-hard, "
+                                                              "hard, weighted"),
+        (["loss.mining_strategy=easy"], "clipexp: error: loss.mining_strategy=easy: no such config key; the keys of loss: temperature, "
+                                        "learnable_temp, multi_positive, use_model_logit_scale (`clipexp train --help-all` lists every key)"),
+        (["temperature_schedule=linear"], "clipexp: error: temperature_schedule='linear' is invalid: one of adaptive, constant, cosine, "
+                                          "exponential, warmup"),
+        (["temperature_schedule=cosine", "loss.learnable_temp=true"], "clipexp: error: temperature_schedule='cosine' is invalid: constant "
+                                                                      "when loss.learnable_temp=true (a schedule would overwrite the learnt "
+                                                                      "temperature): set loss.learnable_temp=false to schedule it"),
+        (["data=hf"], "clipexp: error: data.path=None is invalid: required for data.source=hf: a dataset folder saved with save_to_disk, "
+                      "or a hub name"),
         (["domain.name=foo"], "clipexp: error: domain.name='foo' is invalid: one of general, medical, industrial, scientific"),
         (["trainer.max_step=1"], "clipexp: error: trainer.max_step=1: no such config key; did you mean trainer.max_steps? "
                                  "(`clipexp train --help-all` lists every key)"),
-        (["data=csv"], "clipexp: error: data.path=None is invalid: a file or folder path is required for data.source=csv"),
+        (["data=csv"], "clipexp: error: data.path=None is invalid: required for data.source=csv: the csv file or folder"),
         (["data=webdataset"], "clipexp: error: data.urls=None is invalid: shard paths or a brace pattern are required for data=webdataset, "
                               "e.g. /data/shards/train-{000000..000009}.tar"),
         (["model.image_interpolation=lanczos"], "clipexp: error: model.image_interpolation='lanczos' is invalid: one of bicubic, bilinear, nearest"),
@@ -110,7 +125,7 @@ def test_unknown_option_in_a_sweep_is_caught(run_cli):
 def test_cfg_job_prints_composed_config(run_cli):
     res = run_cli("--cfg", "job", "domain=medical", "loss=hard_negative", timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "name: medical" in res.stdout and "name: hard_negative" in res.stdout
+    assert "name: medical" in res.stdout and "_target_: clipexp.losses.HardNegativeMiningLoss" in res.stdout
     assert "mining_strategy: semi-hard" in res.stdout and "learning_rate: 3.0e-05" in res.stdout
 
 
@@ -130,20 +145,36 @@ def test_conf_found_from_any_directory(run_cli, tmp_path):
 def test_typed_view_round_trip(compose_cfg):
     from omegaconf import OmegaConf
 
-    from clipexp.config.validate import to_typed
+    from clipexp.config.notes import to_typed
 
-    typed = to_typed(compose_cfg("domain=industrial", "loss=hard_negative", "trainer.batch_size=16"))
+    composed = compose_cfg("domain=industrial", "loss=hard_negative", "temperature_schedule=cosine", "trainer.batch_size=16")
+    typed = to_typed(composed)
     assert (typed.domain, typed.loss_type, typed.batch_size, typed.learning_rate) == ("industrial", "hard_negative", 16, 5e-5)
+    assert typed.temperature_schedule_type == "cosine"
     assert CLIPFinetuningConfig.from_dict(typed.to_dict()) == typed
     nested = typed.to_run_dict()
-    validate(OmegaConf.create(nested))
-    assert nested["trainer"]["batch_size"] == 16 and nested["loss"]["name"] == "hard_negative"
+    validate(OmegaConf.create(nested), check_files=False)
+    assert nested["trainer"]["batch_size"] == 16 and nested["loss"]["_target_"] == "clipexp.losses.HardNegativeMiningLoss"
+
+
+def test_typed_view_is_the_composed_config(compose_cfg):
+    """The notes' flat config stands for exactly what the command line composes: same defaults, same files."""
+    from omegaconf import OmegaConf
+
+    for flat, overrides in [({}, []), ({"domain": "medical", "loss_type": "domain_specific"}, ["domain=medical", "loss=domain_specific"]),
+                            ({"loss_type": "multi_scale", "temperature": 0.05}, ["loss=multi_scale", "loss.base_temperature=0.05"])]:
+        composed = OmegaConf.to_container(compose_cfg(*overrides), resolve=True)
+        typed = CLIPFinetuningConfig(**flat).to_run_dict()
+        for section in ("loss", "temperature_schedule", "domain", "data", "device", "tracking"):
+            assert typed[section] == composed[section], section
+        differ = {k for k in composed["trainer"] if typed["trainer"][k] != composed["trainer"][k]}
+        assert differ <= {"learning_rate", "num_epochs"}, differ  # the flat fields' own defaults (5e-5, 10 epochs) are explicit
 
 
 def test_typed_view_validates():
     with pytest.raises(ConfigError, match=r"^learning_rate|trainer.learning_rate=0 is invalid"):
         CLIPFinetuningConfig(learning_rate=0)
-    with pytest.raises(ConfigError, match="domain.name='dental' is invalid"):
+    with pytest.raises(ConfigError, match="domain='dental' is invalid: one of general, industrial, medical, scientific"):
         CLIPFinetuningConfig(domain="dental")
     with pytest.raises(ConfigError, match="a field of CLIPFinetuningConfig"):
         CLIPFinetuningConfig.from_dict({"learning_rat": 1e-4})

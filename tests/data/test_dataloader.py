@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
-from clipexp.config.validate import CLIPFinetuningConfig
+from clipexp.config.notes import CLIPFinetuningConfig
 from clipexp.data.dataloader import collate_fn, create_dataloader, create_train_val_dataloaders, default_num_workers
 from clipexp.data.dataset import CLIPDataset
 from clipexp.data.loaders import DatasetLoader

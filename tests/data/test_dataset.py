@@ -63,7 +63,7 @@ def test_item_shapes_dtypes_labels_groups(pairs, processor):
 
 
 def test_config_sets_resolution_length_and_seed(pairs, processor):
-    from clipexp.config.validate import CLIPFinetuningConfig
+    from clipexp.config.notes import CLIPFinetuningConfig
 
     cfg = CLIPFinetuningConfig(image_resolution=24, max_sequence_length=12, seed=9)
     ds = CLIPDataset(pairs, processor, cfg)

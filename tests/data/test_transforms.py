@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from clipexp.config.schema import AugmentationConfig
-from clipexp.config.validate import CLIPFinetuningConfig
+from clipexp.config.notes import CLIPFinetuningConfig
 from clipexp.data.augment import GRAY_WEIGHTS, AugmentParams, color_matrix
 from clipexp.data.images import resize_shorter
 from clipexp.data.normalize import PixelNormalizer

@@ -10,7 +10,8 @@ import pytest
 import torch
 from numerics import assert_all_close, assert_close, eps_times
 
-from clipexp.models.clip import ModelLoadError, build_tokenizer
+from clipexp.errors import ModelLoadError
+from clipexp.models.clip import build_tokenizer
 from clipexp.models.loading import load_clip
 
 
@@ -42,7 +43,7 @@ def test_tiny_model_size_and_encoding(tiny_controller, rgb_images):
 def test_save_pretrained_round_trip_gives_identical_embeddings(tiny_controller, rgb_images, tmp_path):
     from transformers import CLIPModel
 
-    from clipexp.config.validate import CLIPFinetuningConfig
+    from clipexp.config.notes import CLIPFinetuningConfig
     from clipexp.models.loading import CLIPFinetuningController
 
     texts = ["a red square", "defect"]

@@ -36,7 +36,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.evaluate import class_text_embeddings
     from clipexp.training.trainer import Trainer
 
@@ -413,7 +413,7 @@ def test_serve_file_root_reads_only_under_it(run, tmp_path, monkeypatch):
 
     import pandas as pd
 
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.errors import ConfigError
     from clipexp.serving.inference import CLIPInference, InferenceSpec
     from clipexp.serving.logged_model import publish_model

@@ -43,7 +43,7 @@ def _post(base: str, path: str, body):
 
 
 def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metrics(tmp_path):
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.config.checks import eval_metric_names
 
     args = ["experiment=smoke", "trainer.max_steps=3", "trainer.warmup_steps=10", "trainer.eval_steps=50", "tracking.system_metrics=true"]

@@ -11,7 +11,7 @@ import torch
 
 from clipexp.errors import ConfigError
 from clipexp.training import checkpoint
-from clipexp.training.resume import pick_checkpoint
+from clipexp.training.checkpoint import pick_checkpoint
 
 
 def _draws():
@@ -84,7 +84,7 @@ def test_resuming_another_runs_checkpoint_adopts_its_best(tmp_path):
 def test_a_trainers_checkpoint_is_plain_types_and_tensors_and_resumes_its_position(tmp_path):
     """A real run's step checkpoint loads with ``weights_only=True`` (what a safe loader will use) and
     holds every key a resume reads."""
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import train
 
     cfg = compose_and_validate(["experiment=smoke", "tracking.enabled=false", "data.num_workers=0", "trainer.eval_at_start=false",
@@ -93,8 +93,9 @@ def test_a_trainers_checkpoint_is_plain_types_and_tensors_and_resumes_its_positi
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt"))  # (each with its .sha256 manifest)
     assert ckpts == ["best.pt", "step_0000002.pt"]  # keep_last=1 pruned step 1
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
-    assert set(state) == {"model", "robust", "loss_fn", "optimizer", "scaler", "temp_schedule", "loss_temperature", "oom",
-                          *checkpoint.POSITION, "rng", "run_id", "config", "format"}
+    assert set(state) == {"model", "robust", "loss_fn", "optimizer", "scaler", "temp_schedule", "loss_temperature", "oom", "step",
+                          "epoch", "batch_in_epoch", "best_value", "best_step", "evals_without_improvement", "history", "results",
+                          "rng", "run_id", "config", "format"}
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["best_step"]) == (2, 0, 2, 2)
     assert [s for s, _ in state["history"]["train/loss"]] == [1, 2] and state["config"]["trainer"]["max_steps"] == 2
     assert torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["step"] == 2

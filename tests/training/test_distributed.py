@@ -1,6 +1,6 @@
 """torchrun / DDP: two CPU processes (Gloo) against one process on the concatenated global batch.
 
-* ``test_two_ranks_match_one_process_on_the_global_batch``: the trainer's own step (``_accumulate``)
+* ``test_two_ranks_match_one_process_on_the_global_batch``: the trainer's own step (``Trainer.step``)
   on 2 ranks x 4 samples gives the loss and the parameter gradients of one process on the 8 samples
   (contrastive, multi-positive with the model's logit scale, SigLIP with its learnable temperature and
   bias, exact accumulation); sharded evaluation gives the single-process numbers; a collective that a
@@ -52,7 +52,7 @@ CASES: Dict[str, List[str]] = {
 
 
 def _trainer(case: str, output_dir: Path):
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import Trainer
 
     return Trainer(compose_and_validate([*BASE, *CASES[case]]), output_dir).setup()
@@ -69,13 +69,18 @@ def _global_batch(trainer) -> Dict[str, torch.Tensor]:
 
 
 def _step(trainer, batch, micro: int):
-    """One logical batch through the trainer's own step; returns the loss and every gradient."""
-    from clipexp.training.oom import split_batch
+    """One logical batch through the trainer's own step (micro-batches of ``micro``); returns the loss and every gradient
+    the optimizer steps with (after the ranks' averaging and the clipping: read in the optimizer's pre-step hook)."""
+    grads = {}
 
-    trainer.optimizer.zero_grad(set_to_none=True)
-    out = trainer._accumulate(split_batch(batch, micro))
-    grads = {f"model.{n}": p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    grads.update({f"loss.{n}": p.grad.detach().clone() for n, p in trainer.loss_fn.named_parameters() if p.grad is not None})
+    def grab(optimizer, args, kwargs):
+        grads.update({f"model.{n}": p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        grads.update({f"loss.{n}": p.grad.detach().clone() for n, p in trainer.loss_fn.named_parameters() if p.grad is not None})
+
+    hook = trainer.optimizer.register_step_pre_hook(grab)
+    trainer.micro.size = micro
+    out = trainer.step(batch)
+    hook.remove()
     return {"loss": float(out["loss"]), "grads": grads}
 
 
@@ -221,12 +226,12 @@ def recording_save(obj, path):
 checkpoint.atomic_save = recording_save
 
 fail_rank, fail_at = os.environ["FAIL"].split(":")
-_accumulate = train.Trainer._accumulate
+_forward_backward = train.Trainer._forward_backward
 def failing(self, micro_batches):
-    if rank == fail_rank and self.step == int(fail_at):
+    if rank == fail_rank and self.global_step == int(fail_at):
         raise RuntimeError(f"injected failure on rank {rank}")
-    return _accumulate(self, micro_batches)
-train.Trainer._accumulate = failing
+    return _forward_backward(self, micro_batches)
+train.Trainer._forward_backward = failing
 
 from clipexp.cli.train import main
 main()

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(work: Path, *overrides: str):
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
 
     return compose_and_validate([*BASE, f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *overrides])
 
@@ -125,10 +125,10 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(work, damage, c
 
 
 def test_damaged_checkpoint_named_explicitly_is_refused_in_one_line(work):
-    from clipexp.errors import ConfigError
+    from clipexp.errors import UserError
 
     _truncate(ckpt(work, 6))
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         _train(work, f"trainer.resume={ckpt(work, 6)}")
     line = _one_line(info.value)
     assert str(ckpt(work, 6)) in line and "truncated or corrupt" in line and str(ckpt(work, 4)) in line
@@ -136,11 +136,11 @@ def test_damaged_checkpoint_named_explicitly_is_refused_in_one_line(work):
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(work):
-    from clipexp.errors import ConfigError
+    from clipexp.errors import UserError
 
     for step in (2, 4, 6):
         _truncate(ckpt(work, step))
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         _train(work, "trainer.resume=latest")
     line = _one_line(info.value)
     assert all(str(ckpt(work, s)) in line or ckpt(work, s).name in line for s in (2, 4, 6)), line
@@ -164,12 +164,12 @@ def _flip_a_tensor_byte(path: Path) -> None:
 def test_flipped_byte_in_tensor_data_is_detected_and_latest_falls_back(work, caplog):
     """A bit flip inside step 6's tensor data: the manifest names it, ``latest`` resumes from step 4 (which, like a
     checkpoint of an older clipexp, has no manifest and still loads) and trains steps 5-6 again, exactly."""
-    from clipexp.errors import ConfigError
+    from clipexp.errors import UserError
 
     _flip_a_tensor_byte(ckpt(work, 6))
     assert torch.load(ckpt(work, 6), weights_only=True)["step"] == 6   # torch alone does not notice
     (ckpt(work, 4).parent / "step_0000004.pt.sha256").unlink()       # written before manifests existed
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         _train(work, f"trainer.resume={ckpt(work, 6)}")
     line = _one_line(info.value)
     assert str(ckpt(work, 6)) in line and "does not match its manifest step_0000006.pt.sha256" in line, line
@@ -187,7 +187,7 @@ def test_flipped_byte_in_tensor_data_is_detected_and_latest_falls_back(work, cap
 # ------------------------------------------------------------------------------------ disk full
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_the_run(work, monkeypatch):
     """A writer that fills the disk half-way through step 4's checkpoint (what ENOSPC looks like)."""
-    from clipexp.training.checkpoint import CheckpointWriteError
+    from clipexp.errors import WriteError
 
     fresh = work / "fresh"
     real_save = torch.save
@@ -202,7 +202,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_the_run
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     from clipexp.training.trainer import train
 
-    with pytest.raises(CheckpointWriteError) as info:
+    with pytest.raises(WriteError) as info:
         train(_cfg(work, "tracking.experiment=disk_full"), output_dir=fresh)
     line = _one_line(info.value)
     target, previous = fresh / "checkpoints" / "step_0000004.pt", fresh / "checkpoints" / "step_0000002.pt"
@@ -220,12 +220,12 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_the_run
 
 # ---------------------------------------------------------------------------- changed config
 def test_resume_with_a_changed_config_is_refused_listing_the_keys(work):
-    from clipexp.errors import ConfigError
+    from clipexp.errors import CheckpointError
 
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(CheckpointError) as info:
         _train(work, f"trainer.resume={ckpt(work, 4)}", "loss=siglip", "trainer.batch_size=4", "data.max_samples=64")
     line = _one_line(info.value)
-    for key in ("loss.name", "trainer.batch_size", "data.max_samples"):
+    for key in ("loss._target_", "trainer.batch_size", "data.max_samples"):
         assert key in line, line
     assert "trainer.resume_allow_changes" in line
     assert "tracking." not in line and "trainer.resume=" not in line   # where the run logs is not its maths
@@ -233,9 +233,9 @@ def test_resume_with_a_changed_config_is_refused_listing_the_keys(work):
 
 
 def test_resume_with_allowed_changes_goes_on_and_records_them(work):
-    from clipexp.errors import ConfigError
+    from clipexp.errors import UserError
 
-    with pytest.raises(ConfigError) as info:  # only the keys not allowed are listed
+    with pytest.raises(UserError) as info:  # only the keys not allowed are listed
         _train(work, f"trainer.resume={ckpt(work, 4)}", "trainer.max_steps=8", "trainer.learning_rate=5e-4",
                "trainer.resume_allow_changes=[trainer.max_steps]")
     line = _one_line(info.value)
@@ -263,7 +263,7 @@ class _OpensAFile:
 
 
 def test_checkpoint_that_would_run_code_is_refused_and_never_unpickled(work):
-    from clipexp.errors import ConfigError
+    from clipexp.errors import UserError
 
     marker = work / "pwned"
     state = torch.load(ckpt(work, 6), weights_only=True)
@@ -271,7 +271,7 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_unpickled(work):
     torch.save(state, ckpt(work, 8))
     assert not marker.exists()
     for resume in ("latest", str(ckpt(work, 8))):
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(UserError) as info:
             _train(work, f"trainer.resume={resume}")
         line = _one_line(info.value)
         assert str(ckpt(work, 8)) in line and "open" in line and "could run code" in line, line
@@ -282,7 +282,7 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_unpickled(work):
 def test_old_format_checkpoint_says_how_to_upgrade_and_the_upgrade_resumes(work):
     import numpy as np
 
-    from clipexp.errors import ConfigError
+    from clipexp.errors import UserError
 
     old = torch.load(ckpt(work, 4), weights_only=True)
     name, keys, pos, has_gauss, cached = old["rng"]["numpy"]       # the old format pickled numpy's state
@@ -292,13 +292,13 @@ def test_old_format_checkpoint_says_how_to_upgrade_and_the_upgrade_resumes(work)
         ckpt(work, step).unlink()
         (ckpt(work, step).parent / f"{ckpt(work, step).name}.sha256").unlink()  # an older clipexp wrote no manifest
     torch.save(old, ckpt(work, 4))
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         _train(work, "trainer.resume=latest")
     line = _one_line(info.value)
     assert str(ckpt(work, 4)) in line and f"clipexp upgrade {ckpt(work, 4)}" in line, line
 
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-m", "clipexp.training.checkpoint", "upgrade", str(ckpt(work, 4))], env=env,
+    res = subprocess.run([sys.executable, "-m", "clipexp", "upgrade", str(ckpt(work, 4))], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert torch.load(ckpt(work, 4), weights_only=True)["step"] == 4
@@ -309,11 +309,11 @@ def test_old_format_checkpoint_says_how_to_upgrade_and_the_upgrade_resumes(work)
 def test_resume_latest_never_continues_a_sibling_run(work):
     """A new run folder beside a run with checkpoints: ``latest`` refuses in one line (the sibling's files are
     not this run's), ``latest_or_new`` starts a new run from step 0, and naming the sibling's folder resumes it."""
-    from clipexp.errors import ConfigError
+    from clipexp.errors import UserError
     from clipexp.training.trainer import train
 
     sibling = work / "new"
-    with pytest.raises(ConfigError, match=r"^trainer.resume='latest' is invalid: this run's folder has no checkpoint"):
+    with pytest.raises(UserError, match=r"^trainer.resume='latest' is invalid: this run's folder has no checkpoint"):
         train(_cfg(work, "trainer.resume=latest"), output_dir=sibling)
     assert not (sibling / "checkpoints").exists() or not list((sibling / "checkpoints").iterdir())
     fresh = train(_cfg(work, "trainer.resume=latest_or_new", "trainer.max_steps=2"), output_dir=sibling)

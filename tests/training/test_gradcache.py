@@ -9,11 +9,11 @@ import pytest
 import torch
 from numerics import REORDER, assert_all_close, assert_close, scale_of
 
-from clipexp.losses import build_loss
+from builders import LOSS_OPTIONS, loss_from_conf
 from clipexp.models.clip import ArchitectureConfig, build_model, image_features, text_features
-from clipexp.names import DOMAINS, LOSSES, MINING_STRATEGIES
+from clipexp.names import DOMAINS, MINING_STRATEGIES
 from clipexp.training.gradcache import exact_accumulation_step
-from clipexp.training.oom import split_batch
+from clipexp.training.memory import split_batch
 
 RES, SEQ, EOS, BATCH, MICRO = 32, 16, 513, 12, 4
 # duplicates inside a micro-batch (0 at 0 and 2) and across micro-batches (1, 2, 3): multi-positive matters
@@ -26,7 +26,7 @@ CASES = {
     "contrastive-model_logit_scale": dict(use_model_logit_scale=True),
     "contrastive-single_positive": dict(multi_positive=False, learnable_temp=True),
     **{f"hard_negative-{s}": dict(mining_strategy=s, learnable_temp=True, hard_negative_ratio=0.3) for s in MINING_STRATEGIES},
-    **{f"domain_specific-{d}": dict(domain=d, domain_weight=1.5, learnable_temp=True) for d in DOMAINS},
+    **{f"domain_specific-{d}": dict(domain=d, loss_weight=1.5, learnable_temp=True) for d in DOMAINS},
     "multi_scale": dict(learnable_temp=True),
     "siglip": dict(),  # learnable temperature and bias (the defaults)
     "siglip-model_logit_scale": dict(use_model_logit_scale=True),
@@ -38,7 +38,7 @@ def _name(case: str) -> str:
 
 
 def test_cases_cover_every_loss():
-    assert {_name(c) for c in CASES} == set(LOSSES)
+    assert {_name(c) for c in CASES} == set(LOSS_OPTIONS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,7 @@ _assert_grads_close = assert_all_close
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_exact_accumulation_equals_one_big_batch(model, case):
-    loss_fn = build_loss(_name(case), **CASES[case])
+    loss_fn = loss_from_conf(_name(case), **CASES[case])
     batch = make_batch()
     micro = split_batch(batch, MICRO)
     assert len(micro) == 3
@@ -148,7 +148,7 @@ def test_exact_accumulation_equals_one_big_batch(model, case):
 
 
 def test_unequal_micro_batches_and_accumulation_into_existing_grads(model):
-    loss_fn = build_loss("contrastive", learnable_temp=True)
+    loss_fn = loss_from_conf("contrastive", learnable_temp=True)
     batch = make_batch()
     _zero(model, loss_fn)
     _plain_loss(model, loss_fn, batch)["loss"].backward()
@@ -165,7 +165,7 @@ def test_unequal_micro_batches_and_accumulation_into_existing_grads(model):
 
 
 def test_grad_scaler_scales_every_gradient(model):
-    loss_fn = build_loss("siglip")
+    loss_fn = loss_from_conf("siglip")
     batch = make_batch()
     _zero(model, loss_fn)
     big = _plain_loss(model, loss_fn, batch)
@@ -200,7 +200,7 @@ def test_dropout_reforward_replays_the_same_masks():
     model = build_model(ArchitectureConfig(), RES, SEQ)
     _set_attention_dropout(model, 0.3)
     model.train()
-    loss_fn = build_loss("contrastive", learnable_temp=True)
+    loss_fn = loss_from_conf("contrastive", learnable_temp=True)
     batch = make_batch()
     micro = split_batch(batch, MICRO)
 
@@ -230,7 +230,7 @@ def test_dropout_reforward_replays_the_same_masks():
 
 
 def test_frozen_image_tower_is_not_reforwarded(model, monkeypatch):
-    loss_fn = build_loss("contrastive")
+    loss_fn = loss_from_conf("contrastive")
     batch = make_batch()
     for mod in (model.vision_model, model.visual_projection):
         mod.requires_grad_(False)
@@ -259,7 +259,7 @@ def test_frozen_image_tower_is_not_reforwarded(model, monkeypatch):
 
 
 def test_bf16_autocast_matches_a_bf16_big_batch(model):
-    loss_fn = build_loss("contrastive", learnable_temp=True)
+    loss_fn = loss_from_conf("contrastive", learnable_temp=True)
     batch = make_batch()
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     _zero(model, loss_fn)
@@ -282,4 +282,4 @@ def test_bf16_autocast_matches_a_bf16_big_batch(model):
 
 def test_empty_micro_batch_list_is_an_error(model):
     with pytest.raises(ValueError, match="at least one micro-batch"):
-        exact_accumulation_step(model, build_loss("contrastive"), [], device="cpu", autocast=contextlib.nullcontext)
+        exact_accumulation_step(model, loss_from_conf("contrastive"), [], device="cpu", autocast=contextlib.nullcontext)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from numerics import REORDER, assert_all_close, scale_of
 
-from clipexp.cli.train import compose_and_validate
+from clipexp.config.compose import compose as compose_and_validate
 from clipexp.training.trainer import Trainer
 
 BASE = [
@@ -43,7 +43,7 @@ def run_step(tmp_path: Path, *overrides: str, watch=None) -> SimpleNamespace:
     rec = SimpleNamespace(grads=[], micro=[], mlp_calls={}, dtypes=set(), trainer=trainer)
     rec.before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    accumulate = trainer._accumulate
+    accumulate = trainer._forward_backward
 
     def recording_accumulate(micro_batches):
         rec.micro.append([int(mb["pixel_values"].shape[0]) for mb in micro_batches])
@@ -51,7 +51,7 @@ def run_step(tmp_path: Path, *overrides: str, watch=None) -> SimpleNamespace:
         rec.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         return out
 
-    trainer._accumulate = recording_accumulate  # an instance attribute shadows the method for train()
+    trainer._forward_backward = recording_accumulate  # an instance attribute shadows the method for train()
 
     def counter(key):
         # a *pre*-hook: checkpoint's recomputation stops as soon as it has the tensors backward needs
@@ -91,7 +91,7 @@ def _assert_same_grads(got: dict, want: dict):
 
 
 def test_baseline_step_trains_both_towers(baseline):
-    assert baseline.trainer.status == "FINISHED" and baseline.trainer.step == 1
+    assert baseline.trainer.status == "FINISHED" and baseline.trainer.global_step == 1
     assert baseline.micro == [[8]]
     assert _changed(baseline, IMAGE_TOWER) and _changed(baseline, TEXT_TOWER)
     assert set(baseline.mlp_calls.values()) == {1}  # one forward per layer, no recomputation
@@ -156,7 +156,7 @@ def test_bf16_autocast_on_cpu_runs_matmuls_in_bf16_and_keeps_fp32_weights(tmp_pa
         trainer.model.text_model.encoder.layers[0].self_attn.q_proj.register_forward_hook(hook)
 
     rec = run_step(tmp_path, "device.type=cpu", "device.precision=bf16", watch=watch)
-    assert rec.trainer.dev.precision == "bf16" and not rec.trainer.dev.use_grad_scaler
+    assert rec.trainer.device_info.precision == "bf16" and not rec.trainer.device_info.use_grad_scaler
     assert rec.dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in rec.after.values())
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in rec.grads[0].values())
@@ -181,14 +181,14 @@ def test_fused_adamw_is_used_only_on_cuda(tmp_path, fused):
     defaults = rec.trainer.optimizer.defaults
     assert not defaults["fused"]  # None on CPU whatever the key says
     assert defaults["lr"] == pytest.approx(1e-3) and defaults["betas"] == (0.9, 0.98) and defaults["eps"] == 1e-6
-    assert rec.trainer.step == 1 and _changed(rec, IMAGE_TOWER)
+    assert rec.trainer.global_step == 1 and _changed(rec, IMAGE_TOWER)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_adamw_on_cuda(tmp_path):
     rec = run_step(tmp_path, "device.type=cuda", "trainer.fused_adamw=true")
-    assert rec.trainer.optimizer.defaults["fused"] is True and rec.trainer.step == 1
+    assert rec.trainer.optimizer.defaults["fused"] is True and rec.trainer.global_step == 1
 
 
 def test_exact_accumulation_gives_the_logical_batch_gradient(tmp_path, baseline, monkeypatch):
@@ -261,7 +261,7 @@ def test_compile_runs_a_step_with_the_same_maths(tmp_path, baseline):
     rec = run_step(tmp_path, "device.compile=true")
     model = rec.trainer.model
     assert model.vision_model._compiled_call_impl is not None and model.text_model._compiled_call_impl is not None
-    assert rec.trainer.step == 1
+    assert rec.trainer.global_step == 1
     # close, more loosely: Inductor fuses kernels and may reorder and split the reductions
     assert rec.loss == pytest.approx(baseline.loss, rel=10 * REORDER)
     assert_all_close(rec.grads[0], baseline.grads[0], rel=10 * REORDER)

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from clipexp.cli.train import compose_and_validate
+from clipexp.config.compose import compose as compose_and_validate
 from clipexp.training.trainer import Trainer
 
 # 96 textile images (76 train), the tiny model; micro-batch 16: 4 steps per epoch, so 10 steps span 3 epochs

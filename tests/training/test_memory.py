@@ -8,9 +8,10 @@ from typing import List
 import pytest
 import torch
 
-from clipexp.training.batch_estimate import estimate_batch_size, estimate_batch_size_for_model
-from clipexp.training.batch_size import DEFAULT_FALLBACK, BatchSizeCache, find_max_batch_size, make_train_step_probe, resolve_batch_size
-from clipexp.training.oom import OOMRecovery, free_memory, is_oom, split_batch
+from clipexp.errors import BatchTooLargeError, UserError
+from clipexp.training.memory import (DEFAULT_FALLBACK, BatchSizeCache, MicroBatches, attempt, estimate_batch_size,
+                                     estimate_batch_size_for_model, find_max_batch_size, free_memory, is_oom, make_train_step_probe,
+                                     resolve_batch_size, split_batch)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,8 +105,9 @@ def test_cap_is_respected_and_reachable():
 
 def test_batch_one_not_fitting_is_a_clear_error():
     probe, calls = _fake_probe(0)
-    with pytest.raises(RuntimeError, match="out of memory even at batch size 1"):
+    with pytest.raises(BatchTooLargeError, match="^out of memory at batch size 1; use a smaller model") as err:
         find_max_batch_size(probe, start=8, on_oom=None)
+    assert isinstance(err.value, UserError)  # one line for the user, as a run that runs out of memory mid-way says
     assert calls == [8, 4, 2, 1]
 
 
@@ -131,11 +133,11 @@ def test_real_cpu_allocator_failure_drives_the_search():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from clipexp.losses import build_loss
+    from builders import loss_from_conf
     from clipexp.models.clip import ArchitectureConfig, build_model
 
     torch.manual_seed(0)
-    return build_model(ArchitectureConfig(), 32, 16), build_loss("contrastive", learnable_temp=True)
+    return build_model(ArchitectureConfig(), 32, 16), loss_from_conf("contrastive", learnable_temp=True)
 
 
 def _state(*modules):
@@ -293,9 +295,7 @@ def _never(*_):
 def test_resolve_configured_wins(tmp_path):
     got = resolve_batch_size(requested=24, device_type="cuda", probe=_never, cache=BatchSizeCache(tmp_path / "c.json"),
                              cache_key="k", estimate=_never)
-    assert got == (24, "configured")
-    with pytest.raises(ValueError, match="batch_size"):
-        resolve_batch_size(requested=0, device_type="cpu", probe=None, cache=None, cache_key="k", estimate=None)
+    assert got == (24, "configured")  # (a value below 1 never gets here: validate() refuses trainer.batch_size=0 up front)
 
 
 def test_resolve_cuda_probes_once_then_uses_the_cache(tmp_path):
@@ -360,47 +360,34 @@ def test_split_then_concatenate_gives_the_batch_back():
         split_batch({"a": torch.zeros(3), "b": torch.zeros(4)}, 2)
 
 
-def test_oom_recovery_halves_micro_and_keeps_the_logical_batch():
-    rec = OOMRecovery(64, 1)
-    assert rec.on_oom() == (32, 2)
-    assert rec.on_oom() == (16, 4)
+def test_micro_batches_halve_and_keep_the_logical_batch():
+    rec = MicroBatches(64, 1)
+    assert rec.halve() == (32, 2)
+    assert rec.halve() == (16, 4)
     assert all(m * a == 64 for m, a in rec.history)
     for _ in range(4):
-        rec.on_oom()
-    assert (rec.micro, rec.accum) == (1, 64)
-    with pytest.raises(RuntimeError, match="micro-batch 1"):
-        rec.on_oom()
+        rec.halve()
+    assert (rec.size, rec.accumulation) == (1, 64)
+    with pytest.raises(BatchTooLargeError, match="^out of memory at micro-batch 1 .logical batch 64.; use a smaller model"):
+        rec.halve()
 
 
-def test_oom_recovery_with_an_odd_logical_batch_covers_it():
-    rec = OOMRecovery(12, 2, logical_batch=24)
-    seq = [rec.on_oom() for _ in range(4)]
+def test_micro_batches_with_an_odd_logical_batch_cover_it():
+    rec = MicroBatches(12, 2, logical_batch=24)
+    seq = [rec.halve() for _ in range(4)]
     assert seq == [(6, 4), (3, 8), (2, 12), (1, 24)]
-    rec = OOMRecovery(6, 2)  # logical 12
-    assert [rec.on_oom() for _ in range(3)] == [(3, 4), (2, 6), (1, 12)]
+    rec = MicroBatches(6, 2)  # logical 12
+    assert [rec.halve() for _ in range(3)] == [(3, 4), (2, 6), (1, 12)]
     assert all(m * a >= 12 for m, a in rec.history)
     assert len(split_batch(_logical(12), 2)) == 6  # ceil pieces == accum
+    assert rec.state_dict() == {"micro": 1, "accum": 12, "logical_batch": 12}
 
 
-def test_oom_recovery_run_retries_the_same_batch_with_smaller_micro_batches():
-    batch = _logical(64)
-    rec = OOMRecovery(64, 1)
-    cleanups: List[int] = []
-    seen: List[List[int]] = []
+def test_attempt_catches_out_of_memory_only():
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory")
 
-    def step(micro_batches):
-        if micro_batches[0]["group_ids"].shape[0] > 16:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        seen.append(torch.cat([mb["group_ids"] for mb in micro_batches]).tolist())
-        return len(micro_batches)
-
-    assert rec.run(step, batch, cleanup=lambda: cleanups.append(1)) == 4
-    assert (rec.micro, rec.accum) == (16, 4) and len(cleanups) == 2
-    assert seen == [list(range(64))]  # every sample once, in order
-    assert rec.state_dict() == {"micro": 16, "accum": 4, "logical_batch": 64}
-
-    def buggy(micro_batches):
-        raise KeyError("not memory")
-
+    assert attempt(oom) == (False, None)
+    assert attempt(lambda x: x + 1, 1) == (True, 2)
     with pytest.raises(KeyError):
-        OOMRecovery(8).run(buggy, _logical(8))
+        attempt(lambda: {}["not memory"])

@@ -23,7 +23,7 @@ import pytest
 import torch
 from numerics import REORDER, assert_all_close
 
-from clipexp.cli.train import compose_and_validate
+from clipexp.config.compose import compose as compose_and_validate
 from clipexp.training.trainer import Trainer
 
 # 96 textile images (76 train), the tiny model; no baseline eval, no mid-run eval or checkpoint (the last
@@ -43,7 +43,7 @@ def _inject_oom(trainer: Trainer, limit: int, steps: int, skip_first: int = 0):
 
     def hook(module, args, kwargs):
         pixels = kwargs.get("pixel_values", args[0] if args else None)
-        if module.training and trainer.step < steps and pixels.shape[0] > limit:
+        if module.training and trainer.global_step < steps and pixels.shape[0] > limit:
             if state["passed"] < skip_first:
                 state["passed"] += 1
                 return None
@@ -70,17 +70,17 @@ def _run(tmp_path: Path, name: str, *overrides: str, oom: Optional[dict] = None)
             rec.indices.append(batch["indices"].tolist())
             yield batch
 
-    accumulate = trainer._accumulate
+    accumulate = trainer._forward_backward
 
     def recording_accumulate(micro_batches):
-        rec.attempts.append((trainer.step, [int(mb["pixel_values"].shape[0]) for mb in micro_batches]))
+        rec.attempts.append((trainer.global_step, [int(mb["pixel_values"].shape[0]) for mb in micro_batches]))
         out = accumulate(micro_batches)
         rec.grads.append({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         return out
 
-    # instance attributes shadow the methods: train() and OOMRecovery.run look them up on the instance
+    # instance attributes shadow the methods: train() and step() look them up on the instance
     trainer._logical_batches = recording_batches
-    trainer._accumulate = recording_accumulate
+    trainer._forward_backward = recording_accumulate
     trainer.tracker.set_tags = lambda tags: rec.tags.update(tags)
     if oom is not None:
         rec.injected = _inject_oom(trainer, **oom)
@@ -113,11 +113,11 @@ def test_oom_halves_the_micro_batch_keeps_the_logical_batch_and_the_data_order(t
 
     t = recovered.trainer
     # the run finished all its steps
-    assert t.status == "FINISHED" and t.step == 3 and "test" in t.results
+    assert t.status == "FINISHED" and t.global_step == 3 and "test" in t.results
     # one OOM: micro-batch 8 -> 4, accumulation 1 -> 2, the logical batch still 8
     assert recovered.injected["raised"] == 1
-    assert t.oom.history == [(8, 1), (4, 2)]
-    assert (t.oom.micro, t.oom.accum, t.oom.logical_batch) == (4, 2, 8)
+    assert t.micro.history == [(8, 1), (4, 2)]
+    assert (t.micro.size, t.micro.accumulation, t.micro.logical_batch) == (4, 2, 8)
     assert recovered.tags == {"oom_recovery": "step 1: micro-batch 8 -> 4"}
     # step 1 was retried on the same logical batch, split in two; later steps use the smaller micro-batch
     assert recovered.attempts == [(0, [8]), (0, [4, 4]), (1, [4, 4]), (2, [4, 4])]
@@ -140,9 +140,9 @@ def test_oom_part_way_through_an_accumulation_discards_the_partial_gradients(tmp
     final_split = _run(tmp_path, "ref2x4", *steps, "trainer.batch_size=2", "trainer.gradient_accumulation_steps=4")
 
     t = recovered.trainer
-    assert t.status == "FINISHED" and t.step == 2
+    assert t.status == "FINISHED" and t.global_step == 2
     assert recovered.injected == {"raised": 1, "passed": 1}
-    assert t.oom.history == [(4, 2), (2, 4)] and t.oom.logical_batch == 8
+    assert t.micro.history == [(4, 2), (2, 4)] and t.micro.logical_batch == 8
     assert recovered.attempts == [(0, [4, 4]), (0, [2, 2, 2, 2]), (1, [2, 2, 2, 2])]
     assert recovered.indices == final_split.indices
     # had the half-done step's gradients been kept, step 1 would differ from the clean 2 x 4 run
@@ -159,9 +159,9 @@ def test_oom_with_exact_accumulation_keeps_the_logical_batch_gradient(tmp_path):
     oom_free = _run(tmp_path, "ref8", *steps)
 
     t = recovered.trainer
-    assert t.status == "FINISHED" and t.step == 2
+    assert t.status == "FINISHED" and t.global_step == 2
     assert recovered.injected["raised"] == 2
-    assert t.oom.history == [(8, 1), (4, 2), (2, 4)]
+    assert t.micro.history == [(8, 1), (4, 2), (2, 4)]
     assert recovered.attempts == [(0, [8]), (0, [4, 4]), (0, [2, 2, 2, 2]), (1, [2, 2, 2, 2])]
     assert recovered.indices == oom_free.indices
     # the contrastive gradient of the whole logical batch, whatever the split (up to float summation order,
@@ -183,4 +183,4 @@ def test_oom_at_micro_batch_one_stops_with_advice(tmp_path):
     finally:
         trainer.cleanup("FAILED")
     assert injected["raised"] == 3  # 4 -> 2 -> 1 -> give up
-    assert trainer.oom.history == [(4, 1), (2, 2), (1, 4)] and trainer.step == 0
+    assert trainer.micro.history == [(4, 1), (2, 2), (1, 4)] and trainer.global_step == 0

@@ -16,7 +16,7 @@ STAGE1 = [*SMOKE, *RETENTION, "trainer.monitor=val/loss", "trainer.monitor_mode=
 
 
 def _train(overrides, out: Path):
-    from clipexp.cli.train import compose_and_validate
+    from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import train
 
     return train(compose_and_validate(list(overrides)), output_dir=out)

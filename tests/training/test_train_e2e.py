@@ -46,7 +46,8 @@ def test_cli_run_is_fully_tracked(run_cli, tmp_path):
     # params: the flattened resolved config (+ derived values)
     p = run.data.params
     assert p["trainer.learning_rate"] == "0.001" and p["model.name"] == "tiny" and p["data.max_samples"] == "96"
-    assert p["domain.name"] == "industrial" and p["loss.name"] == "contrastive" and p["trainer.max_steps"] == "4"
+    assert p["domain.name"] == "industrial" and run.data.tags["loss"] == "contrastive" and p["trainer.max_steps"] == "4"
+    assert p["loss._target_"] == "clipexp.losses.CLIPContrastiveLoss"
     assert p["derived.total_steps"] == "4" and p["derived.batch_size"] == "8"
 
     # tags
@@ -173,7 +174,7 @@ def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path):
     # the checkpoint written at the interruption point is named in the message and holds that step
     line = next(l for l in err.splitlines() if l.startswith("clipexp: interrupted at step"))
     step = int(line.split("at step ")[1].split(";")[0])
-    ckpt = Path(line.split("checkpoint: ")[1])
+    ckpt = Path(line.split("checkpoint: ")[1].split(";")[0])
     assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] == step >= 4
 
 

@@ -91,7 +91,8 @@ def test_summary_table_lists_baseline_final_best_and_test():
 
 
 def test_default_loader_workers_and_threads_per_device_and_cores():
-    from clipexp.training.data import default_train_threads, default_train_workers
+    from clipexp.data.dataloader import default_num_workers as default_train_workers
+    from clipexp.training.data import default_train_threads
 
     assert [default_train_workers(c, "cpu") for c in (1, 2, 3, 4, 8, 32)] == [0, 0, 0, 1, 2, 4]
     # below 4 cores the step keeps every core, also beside a worker asked for; from 4 the workers get their own
