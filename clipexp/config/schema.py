@@ -88,7 +88,7 @@ class DataConfig:
     augment_images: bool = True  # apply the domain's augmentation to training images
     augment_text: bool = False  # draw each labelled sample's caption among its captions and the domain's filled prompts
     on_error: str = "raise"  # raise: stop on bad rows (all listed) | skip: drop them and go on
-    allow_outside_root: bool = False  # images outside the CSV/JSON's folder are an error unless true
+    allow_outside_root: bool = True  # read images outside the CSV/JSON's folder (/data/images/...); false refuses them
     check_images: bool = True  # decode every image before training (catches truncated files)
     cache_images: str = "auto"  # auto | memory | disk | none: cache decoded, resized images
     cache_memory_mb: int = 2048  # auto: the memory cache's limit

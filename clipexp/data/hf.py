@@ -135,7 +135,7 @@ def read_hf(
         label_names = features[label_column].names
     out_dir = Path(cache_dir or default_cache_dir()).absolute() / "hf" / (getattr(ds, "_fingerprint", None) or hashlib.sha1(source.encode()).hexdigest()[:16])
     columns = [c for c in (image_column, caption_column, label_column) if c]
-    outside_ok = bool(opts.get("allow_outside_root"))
+    outside_ok = bool(opts.get("allow_outside_root", True))
     cands: List[Candidate] = []
     wrote = 0
     for batch in ds.select_columns(columns).iter(batch_size=256):

@@ -7,8 +7,9 @@ corrupt files fail here with a short reason, never later with a bare PIL traceba
 
 JPEG and PNG go through ``torchvision.io.decode_image`` (libjpeg-turbo/libpng, ~1.5x faster than PIL here);
 other formats, and anything torchvision refuses, go through PIL, which also turns a refusal into a
-readable reason. EXIF orientation is applied. Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit
-images become 8-bit RGB; an animation gives its first frame. The header is read first: an image over
+readable reason. EXIF orientation is applied. Every mode becomes 8-bit RGB by its real range
+(:func:`pil_to_rgb`: 16-bit by its high byte, 32-bit integer and float by the smallest standard range holding
+the values, alpha dropped, palettes, CMYK, bilevel); an animation gives its first frame. The header is read first: an image over
 PIL's decompression-bomb limit is refused before either decoder allocates it. Note: if some other library sets
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` globally, PIL accepts truncated files; the
 torchvision path does not depend on that switch.
@@ -17,6 +18,7 @@ torchvision path does not depend on that switch.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
@@ -30,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 from clipexp.errors import UserError
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 #: The interpolations a run can resize with (``model.image_interpolation``). ``bicubic`` (the default)
 #: and ``bilinear`` are antialiased, as CLIP's own image processor; ``nearest`` keeps source pixels as
@@ -132,6 +135,76 @@ def _open(data: bytearray, path: Union[str, Path], max_pixels: Optional[int] = N
     return im
 
 
+#: modes whose alpha is dropped (the colour under it is kept, as for RGBA): converted through RGBA first
+_ALPHA_MODES = ("RGBa", "PA")
+#: the value ranges tried, smallest first, for modes whose files carry none (32-bit integer I, float F)
+_RANGES = {"I": (255, 65535, 2**31 - 1), "F": (1.0, 255.0, 65535.0)}
+_KIND = {"I": "32-bit integer", "F": "32-bit float"}
+_RANGE_LOGGED: set = set()
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_of(mode: str, top: float, name: Union[str, Path]) -> float:
+    """The range a mode-I or mode-F image is read by: the smallest standard one holding its largest value
+    (F beyond 0-65535: its own largest value). Logged once per mode and process."""
+    ranges = _RANGES[mode]
+    hi = next((r for r in ranges if top <= r), ranges[-1] if mode == "I" else top)
+    if mode not in _RANGE_LOGGED:
+        _RANGE_LOGGED.add(mode)
+        tried = ", ".join(f"0-{_fmt(r)}" for r in ranges[:-1]) + f" and 0-{_fmt(ranges[-1])}"
+        tail = "" if mode == "I" else ", else by its own largest value"
+        log.warning("image '%s' is %s (mode %s), whose files carry no value range: it is read as 0-%s (its largest value, %s, "
+                    "fits it); every such image is read by the smallest of %s that holds its values%s (save 8- or 16-bit "
+                    "data as 8- or 16-bit files to fix the range)", name, _KIND[mode], mode, _fmt(hi), _fmt(top), tried, tail)
+    return hi
+
+
+def _high_bits(values, mode: str, name: Union[str, Path]) -> Tensor:
+    """A one-channel image of more than 8 bits (I;16*, I, F) -> uint8 ``[3, H, W]`` by its real range: 16-bit
+    by its high byte (as torchvision's 16-bit PNG decoder and PIL's 16-bit RGB TIFFs), 32-bit modes by the range
+    :func:`_range_of` picks. Values below 0 (and NaN) read as 0."""
+    import numpy as np
+
+    if mode.startswith("I;16"):
+        return _gray3(torch.from_numpy((np.asarray(values).astype(np.uint16) >> 8).astype(np.uint8)))
+    arr = np.asarray(values)
+    if mode == "I":
+        arr = np.clip(arr.astype(np.int64), 0, None)
+        hi = _range_of("I", int(arr.max(initial=0)), name)
+        shift = {255: 0, 65535: 8}.get(hi, 23)  # the high byte of 8, 16 or 31 bits
+        return _gray3(torch.from_numpy((arr >> shift).clip(0, 255).astype(np.uint8)))
+    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None)
+    top = float(arr.max(initial=0.0))
+    hi = _range_of("F", top, name) or 1.0
+    scaled = np.floor(arr / 256.0) if hi == 65535.0 else np.rint(arr * (255.0 / hi))
+    return _gray3(torch.from_numpy(scaled.clip(0, 255).astype(np.uint8)))
+
+
+def _gray3(gray: Tensor) -> Tensor:
+    return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def pil_to_rgb(im, name: Union[str, Path] = "<image>") -> Tensor:
+    """A loaded PIL image of any mode -> uint8 RGB ``[3, H, W]`` by its real range: 16-bit (``I;16``, ``I;16B``)
+    by its high byte, 32-bit integer (``I``) and float (``F``) images by the smallest standard range that holds
+    their values (logged once), alpha dropped (``RGBA``, ``LA``, ``PA``, palettes with transparency: the colour
+    under it), ``1`` as 0/255, ``CMYK``, ``P``, ``LAB``, ``YCbCr``, ``HSV`` by PIL's conversion."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_bits(im, mode, name)
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode != "RGB":
+        try:
+            im = im.convert("RGB")
+        except ValueError as err:
+            raise ImageDecodeError(name, f"has image mode {mode}, which cannot be converted to RGB ({err}); save it as RGB") from None
+    return TF.pil_to_tensor(im).contiguous()
+
+
 def _decode_pil(im, path: Union[str, Path]) -> Tensor:
     """Decode an opened PIL image (the first frame of an animation) to uint8 RGB, upright (EXIF)."""
     from PIL import ImageOps
@@ -144,9 +217,7 @@ def _decode_pil(im, path: Union[str, Path]) -> Tensor:
         im = ImageOps.exif_transpose(im)
     except Exception:  # a broken EXIF block is not a broken image
         pass
-    if im.mode != "RGB":  # L, LA, P, RGBA (alpha dropped), CMYK, I;16, ...
-        im = im.convert("RGB")
-    return TF.pil_to_tensor(im).contiguous()
+    return pil_to_rgb(im, path)
 
 
 def decode_image_file(path: Union[str, Path], max_pixels: Optional[int] = None) -> Tensor:

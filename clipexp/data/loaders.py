@@ -8,7 +8,8 @@ keywords besides its own:
 ``check_images``        fully decode every image (default True); False checks only that files exist.
 ``cache``               an :class:`~clipexp.data.ImageCache`: images decoded for checking are resized
                         and stored in it, so validation also warms the cache.
-``allow_outside_root``  accept image paths outside the dataset root (default False).
+``allow_outside_root``  accept image paths outside the dataset root (default True; False refuses them, e.g.
+                        for a CSV from someone you do not trust).
 ``max_samples``         keep a seeded, label-stratified subset of this many rows (``seed``) before the
                         images are checked.
 
@@ -82,7 +83,7 @@ def read_source(data_cfg: Mapping[str, Any], prompt_templates: Optional[Sequence
     opts = dict(
         on_error=_opt(data_cfg, "on_error") or "raise",
         max_samples=_opt(data_cfg, "max_samples"),
-        allow_outside_root=bool(_opt(data_cfg, "allow_outside_root", False)),
+        allow_outside_root=bool(_opt(data_cfg, "allow_outside_root", True)),
         check_images=bool(_opt(data_cfg, "check_images", True)),
         cache=cache,
         seed=seed,

@@ -13,7 +13,8 @@ from clipexp.errors import UserError
 
 
 class DataValidationError(UserError, ValueError):
-    """Rows of a data source are unusable. The message lists every problem, one per line.
+    """Rows of a data source are unusable. The message lists every problem, one per line (a report: the
+    one exception to a :class:`~clipexp.errors.UserError`'s one line, so that every bad row is named at once).
 
     ``problems`` holds the :class:`Problem` records (empty when the error was re-raised from a
     DataLoader worker, which keeps only the message).

@@ -106,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--label-column", default="label")
     ap.add_argument("--on-error", default="raise", choices=["raise", "skip"])
     ap.add_argument("--max-samples", type=int, default=None)
-    ap.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside the CSV/JSON's folder")
+    ap.add_argument("--allow-outside-root", action=argparse.BooleanOptionalAction, default=True,
+                    help="read image paths outside the CSV/JSON's folder (default; --no-allow-outside-root refuses them)")
     ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     ap.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test shares (default 0.8,0.1,0.1, as data.*_split)")
     ap.add_argument("--seed", type=int, default=42, help="the split's seed (default 42, as the run config's seed)")

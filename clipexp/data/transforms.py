@@ -98,7 +98,9 @@ def to_uint8_tensor(image: Any) -> Tensor:
         from PIL import Image
 
         if isinstance(image, Image.Image):
-            t = v2.functional.pil_to_tensor(image.convert("RGB"))
+            from clipexp.data.images import pil_to_rgb
+
+            t = pil_to_rgb(image)
         else:
             raise TypeError(f"expected a PIL image or a [3, H, W] tensor, got {type(image).__name__}")
     if t.dim() == 2:

@@ -15,9 +15,11 @@ The report users see::
 
 *Dataset root*: the folder of the CSV/JSON file, the folder given to ``from_directory``, the saved
 HF dataset's folder (or the folder its images were written to), the textile package's image folder.
-An image path that leaves it (``../x.jpg``, an absolute path elsewhere, or a symlink inside the root whose
-target lies outside it) is a problem unless the loader is called with ``allow_outside_root=True``. A
-symlink whose target stays inside the root is fine.
+Image paths may leave it by default (``allow_outside_root=True``): the common layout lists ``/data/images/...``
+from a CSV in a project folder, and a user's own CSV is no trust boundary (the served model is: it reads
+only under ``tracking.serve_file_root``). With ``allow_outside_root=False`` an image path that leaves it
+(``../x.jpg``, an absolute path elsewhere, or a symlink inside the root whose target lies outside it) is a
+problem naming the key; a symlink whose target stays inside the root is fine.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from clipexp.data.split import stratified_assign
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
+OUTSIDE_HINT = "; set data.allow_outside_root=true to read images outside it"
 
 
 @dataclass
@@ -85,10 +88,10 @@ def outside_root(root: Union[str, Path], path: Union[str, Path]) -> Optional[str
     lexically (``..``, an absolute path elsewhere), or through a symlink (of the file or of a folder on
     its way) whose target leaves the root."""
     if not is_inside(root, path):
-        return f"is outside the dataset root {os.path.abspath(root)}"
+        return f"is outside the dataset root {os.path.abspath(root)}{OUTSIDE_HINT}"
     real = os.path.realpath(path)
     if not is_inside(os.path.realpath(root), real):
-        return f"is a symlink to {real}, outside the dataset root {os.path.abspath(root)}"
+        return f"is a symlink to {real}, outside the dataset root {os.path.abspath(root)}{OUTSIDE_HINT}"
     return None
 
 
@@ -154,7 +157,7 @@ def finalize_with(cands: List[Candidate], source: Union[str, Path], root: Option
         source,
         opts.get("on_error", "raise"),
         root=root,
-        allow_outside_root=bool(opts.get("allow_outside_root", False)),
+        allow_outside_root=bool(opts.get("allow_outside_root", True)),
         check=bool(opts.get("check_images", True)),
         cache=opts.get("cache"),
         max_samples=opts.get("max_samples"),
@@ -168,7 +171,7 @@ def finalize(
     on_error: str = "raise",
     *,
     root: Optional[Union[str, Path]] = None,
-    allow_outside_root: bool = False,
+    allow_outside_root: bool = True,
     check: bool = True,
     cache: Optional[object] = None,
     max_samples: Optional[int] = None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
@@ -86,6 +87,23 @@ class InferenceSpec:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+#: the spec's keys that change an image's embedding (with the weights): what a model fingerprint covers
+IMAGE_PIPELINE = ("image_resolution", "image_interpolation", "image_mean", "image_std")
+
+
+def model_fingerprint(model: torch.nn.Module, spec: InferenceSpec) -> str:
+    """The sha256 (hex) of what makes an image's embedding: every tensor of ``model.state_dict()`` (name,
+    dtype, shape and bytes) and the spec's image pipeline (:data:`IMAGE_PIPELINE`). The same weights
+    loaded from any folder, run or registry give the same fingerprint; one changed value gives another."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(t.view(torch.uint8).numpy()))
+    digest.update(json.dumps({k: getattr(spec, k) for k in IMAGE_PIPELINE}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def zero_shot_temperature(loss_fn: Any, model: Any) -> float:
     """The temperature the run's loss ended with (the model's clamped ``logit_scale`` when the loss uses it)."""
     if getattr(loss_fn, "use_model_logit_scale", False) or loss_fn is None:
@@ -137,6 +155,15 @@ class CLIPInference:
                                         interpolation=spec.image_interpolation)
         self.normalize = PixelNormalizer(spec.image_mean, spec.image_std)
         self._class_embeds: Optional[torch.Tensor] = None
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of this model and spec (computed once): ``embed`` writes it into its files and
+        ``search`` compares it."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model, self.spec)
+        return self._fingerprint
 
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, Path], device: str = "auto", precision: str = "auto",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from clipexp.errors import UserError
+from clipexp.serving.embeddings import EMBEDDING_SUFFIXES, read_embeddings, write_embeddings
 
 PROG = "clipexp.serving.predict"
 
@@ -126,51 +127,33 @@ def zero_shot(inf, paths: List[str], labels: Optional[List[Optional[str]]], out:
 
 
 def embed(inf, paths: List[str], out: Path, progress: bool) -> dict:
-    """Embeddings to ``.parquet`` (path, embedding, error) or ``.npy`` (``[N, D]``, NaN rows for errors,
-    paths in ``<out>.paths.txt``)."""
+    """Embeddings to ``.parquet`` (path, embedding, error; the model's fingerprint in the file's metadata),
+    ``.csv`` (path, error, model_fingerprint, e0 .. e<D-1>) or ``.npy`` (``[N, D]``, NaN rows for errors, paths
+    in ``<out>.paths.txt``, the fingerprint in ``<out>.fingerprint``)."""
     with _progress(len(paths), progress, "embed") as bar:
         embeds, errors = inf.embed_sources(paths, progress=bar)
+    if out.suffix not in EMBEDDING_SUFFIXES:
+        raise PredictError(f"--out {out}: use a .parquet, .csv or .npy file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        import numpy as np
-
-        np.save(out, embeds.numpy())
-        out.with_suffix(".paths.txt").write_text("\n".join(paths) + "\n")
-    elif out.suffix == ".parquet":
-        import pandas as pd
-
-        vectors = [None if err else row.tolist() for row, err in zip(embeds, errors)]
-        pd.DataFrame({"path": paths, "embedding": vectors, "error": errors}).to_parquet(out, index=False)
-    else:
-        raise PredictError(f"--out {out}: use a .parquet or .npy file")
+    write_embeddings(out, paths, embeds, errors, inf.fingerprint)
     return {"images": len(paths), "answered": sum(e is None for e in errors), "errors": sum(e is not None for e in errors),
             "dim": int(embeds.shape[1])}
 
 
-def load_embeddings(path: Path):
-    """``embed``'s output -> (paths, ``[N, D]`` float tensor with NaN rows for failed images)."""
-    import numpy as np
-    import torch
-
-    if not path.is_file():
-        raise PredictError(f"--embeddings {path}: no such file; write it with `python -m {PROG} embed ... --out {path}`")
-    if path.suffix == ".npy":
-        names = path.with_suffix(".paths.txt")
-        paths = names.read_text().splitlines() if names.is_file() else [str(i) for i in range(len(np.load(path)))]
-        return paths, torch.from_numpy(np.load(path)).float()
-    import pandas as pd
-
-    frame = pd.read_parquet(path)
-    dim = next((len(v) for v in frame["embedding"] if v is not None), 0)
-    rows = [np.asarray(v, dtype=np.float32) if v is not None else np.full(dim, np.nan, np.float32) for v in frame["embedding"]]
-    return frame["path"].tolist(), torch.from_numpy(np.stack(rows))
-
-
-def search(inf, embeddings: Path, queries: Sequence[str], k: int) -> List[dict]:
-    """The ``k`` images most similar to each text query."""
+def search(inf, embeddings: Path, queries: Sequence[str], k: int, model: str = "<model>") -> List[dict]:
+    """The ``k`` images most similar to each text query, from embeddings written by this same model (``model``:
+    the ``--model`` the messages name)."""
     from clipexp.serving.inference import top_k
 
-    paths, gallery = load_embeddings(embeddings)
+    found = read_embeddings(embeddings, model)
+    redo = f"embed the images again with this model (embed --model {model} --out {embeddings})"
+    if found.fingerprint is None:
+        raise PredictError(f"--embeddings {embeddings} carries no model fingerprint (written by an older clipexp or another "
+                           f"tool), so nothing says which model wrote it; {redo}")
+    if found.fingerprint != inf.fingerprint:
+        raise PredictError(f"--embeddings {embeddings} was written by another model (fingerprint {found.fingerprint[:12]}) than "
+                           f"--model {model} ({inf.fingerprint[:12]}): its scores would rank wrongly; {redo}")
+    paths, gallery = found.paths, found.vectors
     if gallery.shape[1] != inf.embed_dim:
         raise PredictError(f"--embeddings {embeddings}: vectors of size {gallery.shape[1]}, but this model embeds to {inf.embed_dim}; "
                            "embed the images with the same model")
@@ -204,9 +187,9 @@ def build_parser(prog: str = f"python -m {PROG}") -> argparse.ArgumentParser:
         p.add_argument("--images", required=True, help="a folder of images or a CSV with an image_path column")
         p.add_argument("--image-column", default="image_path")
         p.add_argument("--label-column", default="label")
-        p.add_argument("--out", required=True, type=Path, help=".csv (zero_shot); .parquet or .npy (embed)")
+        p.add_argument("--out", required=True, type=Path, help=".csv (zero_shot); .parquet, .csv or .npy (embed)")
     p = sub.add_parser("search", parents=[common], help="top-k images for text queries, from embed's output")
-    p.add_argument("--embeddings", required=True, type=Path)
+    p.add_argument("--embeddings", required=True, type=Path, help="embed's output (.parquet, .csv or .npy) of this same model")
     p.add_argument("--query", required=True, action="append", help="a text query (repeat for several)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="also write the hits to this CSV")
@@ -223,7 +206,7 @@ def run(args: argparse.Namespace) -> None:
                                             prompt_templates=args.templates.split("|") if args.templates else None)
     progress = not args.no_progress
     if args.task == "search":
-        hits = search(inf, args.embeddings, args.query, args.top_k)
+        hits = search(inf, args.embeddings, args.query, args.top_k, args.model)
         for h in hits:
             print(f"{h['rank']:>3}  {h['score']:.4f}  {h['path']}   [{h['query']}]")
         if args.out:

@@ -139,7 +139,7 @@ def test_image_over_the_decompression_bomb_limit_is_a_named_row_error(tmp_path, 
 # ------------------------------------------------------------------------------------------ symlinks
 
 
-def test_a_symlink_leading_outside_the_root_is_rejected_like_dotdot(tmp_path, make_img):
+def test_a_symlink_leading_outside_the_root_is_rejected_like_dotdot_when_asked(tmp_path, make_img):
     root = tmp_path / "data"
     make_img(root / "images" / "a.jpg", 1)
     secret = make_img(tmp_path / "elsewhere" / "secret.jpg", 2)
@@ -149,14 +149,14 @@ def test_a_symlink_leading_outside_the_root_is_rejected_like_dotdot(tmp_path, ma
     csv = _csv(root / "pairs.csv", ["images/a.jpg,a,x", "images/leak.jpg,b,x", "linked/secret.jpg,c,x",
                                     "images/alias.jpg,d,x", "../elsewhere/secret.jpg,e,x"])
     with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    outside, real = f"outside the dataset root {root}", secret.resolve()
+        DatasetLoader.from_csv(csv, allow_outside_root=False)
+    outside, real = f"outside the dataset root {root}; set data.allow_outside_root=true to read images outside it", secret.resolve()
     assert str(exc.value).splitlines()[1:] == [
         f"  {csv}:3: image 'images/leak.jpg' is a symlink to {real}, {outside}",
         f"  {csv}:4: image 'linked/secret.jpg' is a symlink to {real}, {outside}",
         f"  {csv}:6: image '../elsewhere/secret.jpg' is {outside}",
     ]
-    assert len(DatasetLoader.from_csv(csv, allow_outside_root=True)) == 5
+    assert len(DatasetLoader.from_csv(csv)) == 5  # the default reads them
 
 
 # ----------------------------------------------------------------------------------- long captions

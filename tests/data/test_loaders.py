@@ -244,10 +244,12 @@ def test_hf_string_paths_resolve_against_the_saved_folder(make_img, tmp_path: Pa
     ds.save_to_disk(str(saved))
     make_img(saved / "img" / "p.jpg", 1)
     make_img(tmp_path / "escape.jpg", 2)
+    assert [p.image_path for p in DatasetLoader.from_hf(saved, image_column="file")] == [saved / "img" / "p.jpg", tmp_path / "escape.jpg"]
     with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_hf(saved, image_column="file")
-    assert str(exc.value).splitlines()[1] == f"  {saved}[train]:1: image '../escape.jpg' is outside the dataset root {saved}"
-    (pair,) = DatasetLoader.from_hf(saved, image_column="file", on_error="skip")
+        DatasetLoader.from_hf(saved, image_column="file", allow_outside_root=False)
+    assert str(exc.value).splitlines()[1] == (f"  {saved}[train]:1: image '../escape.jpg' is outside the dataset root {saved}; "
+                                              "set data.allow_outside_root=true to read images outside it")
+    (pair,) = DatasetLoader.from_hf(saved, image_column="file", on_error="skip", allow_outside_root=False)
     assert pair.image_path == saved / "img" / "p.jpg"
 
 

@@ -28,6 +28,9 @@ BAD_CSV = (
 )
 
 
+OPT_IN = "; set data.allow_outside_root=true to read images outside it"
+
+
 @pytest.fixture
 def bad_csv(image_root: Path) -> Path:
     path = image_root / "pairs.csv"
@@ -42,7 +45,7 @@ def expected_lines(csv: Path, root: Path):
         re.compile(re.escape(f"  {csv}:5: image 'trunc.jpg' is truncated or corrupt (") + r".+\)"),
         f"  {csv}:6: image 'empty.jpg' is empty (0 bytes)",
         f"  {csv}:7: image 'text.jpg' is not an image file (cannot identify image format)",
-        f"  {csv}:8: image '../outside.jpg' is outside the dataset root {root}",
+        f"  {csv}:8: image '../outside.jpg' is outside the dataset root {root}{OPT_IN}",
         f"  {csv}:9: image 'sub' is a directory, not an image file",
         f"  {csv}:10: empty image_path",
     ]
@@ -50,7 +53,7 @@ def expected_lines(csv: Path, root: Path):
 
 def test_report_names_every_bad_row_with_file_and_line(bad_csv: Path, image_root: Path):
     with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(bad_csv)
+        DatasetLoader.from_csv(bad_csv, allow_outside_root=False)
     err = exc.value
     assert isinstance(err, ValueError)
     lines = str(err).splitlines()
@@ -63,7 +66,7 @@ def test_report_names_every_bad_row_with_file_and_line(bad_csv: Path, image_root
 
 def test_skip_mode_drops_bad_rows_and_logs_them(bad_csv: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="clipexp.data.validation"):
-        pairs = DatasetLoader.from_csv(bad_csv, on_error="skip")
+        pairs = DatasetLoader.from_csv(bad_csv, on_error="skip", allow_outside_root=False)
     assert [p.source for p in pairs] == [f"{bad_csv}:2", f"{bad_csv}:11"]
     assert [p.group_id for p in pairs] == [0, 1]
     (record,) = caplog.records
@@ -86,15 +89,36 @@ def test_skip_mode_raises_when_nothing_is_left(image_root: Path):
     ]
 
 
-def test_outside_root_absolute_path_and_opt_out(image_root: Path, tmp_path: Path):
+def test_outside_root_absolute_path_refused_when_asked_naming_the_key(image_root: Path, tmp_path: Path):
     outside = tmp_path / "outside.jpg"
     csv = image_root / "abs.csv"
     csv.write_text(f"image_path,caption\n{outside},absolute elsewhere\nsub/../a.jpg,dotdot that stays inside\n")
     with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    assert str(exc.value).splitlines()[1:] == [f"  {csv}:2: image '{outside}' is outside the dataset root {image_root}"]
+        DatasetLoader.from_csv(csv, allow_outside_root=False)
+    assert str(exc.value).splitlines()[1:] == [f"  {csv}:2: image '{outside}' is outside the dataset root {image_root}{OPT_IN}"]
     pairs = DatasetLoader.from_csv(csv, allow_outside_root=True)
     assert [p.image_path for p in pairs] == [outside, image_root / "a.jpg"]
+
+
+def test_images_kept_elsewhere_are_read_by_default(tmp_path: Path, make_img, compose_cfg):
+    """The common layout (issue 31, item 10): the images in /data/images, listed by absolute path (or ``../``) from a
+    CSV in a project folder. A user's own CSV is no trust boundary (the served model is: serve_file_root), so the
+    library, ``load_pairs`` and the run config all read them unless ``allow_outside_root`` is false."""
+    from clipexp.data.loaders import load_pairs
+
+    images, project = tmp_path / "data" / "images", tmp_path / "project"
+    a, b = make_img(images / "a.jpg", 1), make_img(images / "b.jpg", 2)
+    project.mkdir()
+    csv = project / "pairs.csv"
+    csv.write_text(f"image_path,caption\n{a},absolute elsewhere\n../data/images/b.jpg,relative elsewhere\n")
+    assert [p.image_path for p in DatasetLoader.from_csv(csv)] == [a, b]
+    cfg = compose_cfg("data=csv", f"data.path={csv}")
+    assert cfg.data.allow_outside_root is True
+    assert [p.image_path for p in load_pairs(cfg.data)] == [a, b]
+    with pytest.raises(DataValidationError) as exc:
+        load_pairs({**cfg.data, "allow_outside_root": False})
+    assert str(exc.value).splitlines()[1:] == [f"  {csv}:2: image '{a}' is outside the dataset root {project}{OPT_IN}",
+                                               f"  {csv}:3: image '../data/images/b.jpg' is outside the dataset root {project}{OPT_IN}"]
 
 
 def test_invalid_on_error_value(bad_csv: Path):

@@ -223,7 +223,7 @@ def test_cli_sources_embed_and_search(run, tmp_path, capsys):
     for suffix in (".parquet", ".npy"):
         emb = tmp_path / f"emb{suffix}"
         assert main(["embed", "--model", str(run["out"]), "--images", str(run["csv"]), "--out", str(emb), "--no-progress"]) == 0
-        from clipexp.serving.predict import load_embeddings
+        from clipexp.serving.embeddings import load_embeddings
 
         paths, vectors = load_embeddings(emb)
         assert paths == run["paths"]
@@ -389,7 +389,8 @@ def test_base64_image_gets_the_answer_predict_gives(run, pyfunc, tmp_path):
 
     import pandas as pd
 
-    from clipexp.serving.predict import load_embeddings, main
+    from clipexp.serving.embeddings import load_embeddings
+    from clipexp.serving.predict import main
 
     emb, preds = tmp_path / "emb.npy", tmp_path / "preds.csv"
     assert main(["embed", "--model", str(run["out"]), "--images", str(run["csv"]), "--out", str(emb), "--no-progress"]) == 0
