@@ -63,18 +63,18 @@ def test_config_shuffle_workers_seed_and_cpu_defaults(dataset):
     assert loader.num_workers == 0 and indices(loader) == list(range(10))
     assert loader.pin_memory is torch.cuda.is_available()
     workers = create_dataloader(dataset, batch_size=5, shuffle=False, num_workers=1)
-    assert workers.persistent_workers and workers.prefetch_factor == 4
+    assert workers.persistent_workers and workers.prefetch_factor == 2  # torch's default, as the trainer's loader
     assert indices(workers) == list(range(10))
     assert torch.equal(next(iter(workers))["pixel_values"], next(iter(create_dataloader(dataset, batch_size=5, shuffle=False, num_workers=0)))["pixel_values"])
 
 
-def test_default_worker_rule(dataset, processor):
-    uncached = CLIPDataset(dataset.pairs, processor)
-    augmented = CLIPDataset(dataset.pairs, processor, image_transform=ImageTransform(resolution=32, augment=True), cache="memory")
-    assert not dataset.is_random and augmented.is_random
-    assert [default_num_workers(uncached, cpu_count=n) for n in (1, 2, 4, 16)] == [0, 1, 3, 8]
-    assert [default_num_workers(augmented, cpu_count=n) for n in (1, 2, 4, 16)] == [0, 1, 3, 8]
-    assert [default_num_workers(dataset, cpu_count=n) for n in (1, 2, 4, 16)] == [0, 0, 0, 0]  # cached eval set
+def test_the_notes_loader_takes_the_trainers_worker_rule(dataset, monkeypatch):
+    """create_dataloader (the original notes' call) and the trainer choose workers by one rule: default_num_workers."""
+    assert [default_num_workers(n, "cpu") for n in (1, 2, 3, 4, 8, 32)] == [0, 0, 0, 1, 2, 4]
+    assert [default_num_workers(n, "cuda") for n in (1, 2, 4, 8, 16)] == [0, 1, 2, 4, 4]
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert create_dataloader(dataset, batch_size=4).num_workers == default_num_workers(8, accelerator)
 
 
 def test_train_val_loaders(dataset):
