@@ -35,7 +35,7 @@ def test_short_help_lists_commands_groups_and_examples(tmp_path, module, args):
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert len(out.splitlines()) <= 40, out
-    for command in ("train", "predict", "replay", "upgrade", "ui"):
+    for command in ("train", "predict", "export", "shards", "replay", "upgrade", "ui"):
         assert f"\n  {command} " in out
     for group, options in group_options().items():
         assert group in GROUP_DESCRIPTIONS, f"conf/{group}: no one-line description in clipexp/cli/help.py"
@@ -63,10 +63,10 @@ def test_unknown_command_is_one_line(tmp_path):
     res = clipexp("trian", "experiment=smoke", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
-    assert res.stderr.startswith("clipexp: error: unknown command 'trian': one of train, predict, replay, upgrade, ui")
+    assert res.stderr.startswith("clipexp: error: unknown command 'trian': one of train, predict, export, shards, replay, upgrade, ui")
 
 
-@pytest.mark.parametrize("command", ["predict", "replay", "upgrade", "ui"])
+@pytest.mark.parametrize("command", ["predict", "export", "shards", "replay", "upgrade", "ui"])
 def test_every_command_has_a_short_help_with_examples(tmp_path, command):
     res = clipexp(command, "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -1,4 +1,4 @@
-"""data=webdataset through the trainer, on shards the tests write with ``python -m clipexp.data.to_shards``:
+"""data=webdataset through the trainer, on shards the tests write with ``clipexp shards``:
 
 * ``test_shards_give_the_csv_sources_metrics``: the textile smoke run (96 images, seed 42) from its shards
   gives exactly the metrics of the same run from the textile source itself: the same split, the same
@@ -56,7 +56,7 @@ def _run(args, cwd, timeout=600):
 def textile_shards(tmp_path_factory) -> Path:
     """The smoke run's 96 textile images (data.max_samples=96, seed 42) as shards of 10: train 77, val 10, test 9."""
     out = tmp_path_factory.mktemp("textile") / "shards"
-    res = subprocess.run([sys.executable, "-m", "clipexp.data.to_shards", "textile", str(out), "--max-samples", "96",
+    res = subprocess.run([sys.executable, "-m", "clipexp", "shards", "textile", str(out), "--max-samples", "96",
                           "--shard-size", "10"], env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "train: 77 samples in 8 shards" in res.stdout
@@ -158,7 +158,7 @@ def test_two_gloo_ranks_x_two_workers_see_every_sample_once_per_epoch(tmp_path):
     from shards_helpers import N, write_csv  # the 80 generated pairs
 
     src = tmp_path / "src"
-    res = subprocess.run([sys.executable, "-m", "clipexp.data.to_shards", str(write_csv(src)), str(src / "shards"), "--split", "1,0,0",
+    res = subprocess.run([sys.executable, "-m", "clipexp", "shards", str(write_csv(src)), str(src / "shards"), "--split", "1,0,0",
                           "--shard-size", "10"], env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "test_shards_train",

@@ -18,6 +18,7 @@ COMMANDS: Dict[str, str] = {
     "train": "fine-tune and evaluate one config or a -m sweep (Hydra overrides); `python -m clipexp` is the same",
     "predict": "zero-shot classify, embed or search images with a trained model",
     "export": "write a finished run's outputs (model, plots, metrics) from its checkpoints",
+    "shards": "write a dataset as WebDataset tar shards with a manifest (data=webdataset reads them)",
     "replay": "send a run's held MLflow writes to its store (after the store was down)",
     "upgrade": "rewrite older checkpoints in the current safe format",
     "ui": "open the MLflow UI on a run's store (or the current folder's)",

@@ -141,6 +141,12 @@ def ui(argv: List[str]) -> int:
     return 0  # not reached
 
 
+def shards(argv: List[str]) -> int:
+    from clipexp.data.to_shards import main as shards_main
+
+    return shards_main(argv, prog="clipexp shards")
+
+
 def predict(argv: List[str]) -> int:
     from clipexp.serving.predict import main as predict_main
 
@@ -154,7 +160,7 @@ def train(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "predict": predict, "export": export, "replay": replay, "upgrade": upgrade, "ui": ui}
+COMMANDS = {"train": train, "predict": predict, "export": export, "shards": shards, "replay": replay, "upgrade": upgrade, "ui": ui}
 
 
 def main(argv: Optional[List[str]] = None, bare: str = "help") -> None:

@@ -149,6 +149,3 @@ def main(argv: Optional[List[str]] = None) -> None:
     if distributed:
         destroy()
 
-
-if __name__ == "__main__":
-    main()

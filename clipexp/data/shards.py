@@ -86,7 +86,7 @@ def shard_set(urls: Any, manifest: Optional[str] = None, key: str = "data.urls")
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
-            raise DataValidationError(f"manifest {path} is unreadable ({err}): rewrite it with python -m clipexp.data.to_shards") from None
+            raise DataValidationError(f"manifest {path} is unreadable ({err}): rewrite it with clipexp shards") from None
         by_name = {s["name"]: s for split in data.get("splits", {}).values() for s in split.get("shards", [])}
         class_names = list(data.get("class_names") or [])
         for i, url in enumerate(expanded):
@@ -101,7 +101,7 @@ def shard_set(urls: Any, manifest: Optional[str] = None, key: str = "data.urls")
     missing = [u for u, c in zip(expanded, counts) if c is None]
     if missing:
         raise DataValidationError(f"{key}: no sample count for {len(missing)} shard(s) (e.g. {missing[0]}): write the shards with "
-                                  f"python -m clipexp.data.to_shards (manifest.json), or with img2dataset (<shard>_stats.json), "
+                                  f"clipexp shards (manifest.json), or with img2dataset (<shard>_stats.json), "
                                   f"or point data.manifest at a manifest")
     running, out_first = 0, []
     for c, f in zip(counts, firsts):  # sample ids: the manifest's, else positions in this list

@@ -1,4 +1,4 @@
-"""Any clipexp source -> WebDataset shards + ``manifest.json``: ``python -m clipexp.data.to_shards SOURCE OUT/``.
+"""Any clipexp source -> WebDataset shards + ``manifest.json``: ``clipexp shards SOURCE OUT/``.
 
 The source is read and checked exactly as training reads it (:func:`clipexp.data.loaders.read_source`:
 every image decoded once, bad rows raised or, with ``--on-error skip``, dropped), split as training
@@ -14,9 +14,9 @@ names and the brace pattern to pass as ``data.urls`` / ``data.val_urls`` / ``dat
 
 Examples::
 
-    python -m clipexp.data.to_shards /data/pairs.csv /data/shards/             # csv (the default source)
-    python -m clipexp.data.to_shards textile /data/textile_shards/ --shard-size 200
-    python -m clipexp.data.to_shards /data/pairs.json /data/shards/ --source json --split 1,0,0
+    clipexp shards /data/pairs.csv /data/shards/             # csv (the default source)
+    clipexp shards textile /data/textile_shards/ --shard-size 200
+    clipexp shards /data/pairs.json /data/shards/ --source json --split 1,0,0
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def to_shards(data_cfg: Dict[str, Any], out: Path, *, shard_size: int = 1000, se
     pairs, problems = read_source(data_cfg, seed=seed)
     parts = split_pairs(pairs, *split, seed)
     check_split_sizes(pairs, parts, list(split))
-    manifest: Dict[str, Any] = {"format": FORMAT, "created_by": "python -m clipexp.data.to_shards", "source": dict(data_cfg),
+    manifest: Dict[str, Any] = {"format": FORMAT, "created_by": "clipexp shards", "source": dict(data_cfg),
                                 "seed": seed, "split": list(split), "class_names": class_names_of(pairs),
                                 "skipped_rows": [str(p) for p in problems], "splits": {}}
     first = 0
@@ -96,8 +96,8 @@ def to_shards(data_cfg: Dict[str, Any], out: Path, *, shard_size: int = 1000, se
     return manifest
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clipexp.data.to_shards", description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None, prog: str = "clipexp shards") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("path", help="the source: a CSV / JSON file, a folder, a saved HF dataset, or 'textile'")
     ap.add_argument("out", help="output folder for the shards and manifest.json")
     ap.add_argument("--source", default=None, help="csv | json | folder | hf | textile (default: from the path)")
@@ -121,14 +121,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg["image_column"] = args.image_column
     if args.caption_column:
         cfg["caption_column"] = args.caption_column
-    from clipexp.data.problems import DataValidationError
+    from clipexp.errors import UserError
 
     try:
         split = [float(x) for x in args.split.split(",")]
         if len(split) != 3 or abs(sum(split) - 1) > 1e-6:
             raise ValueError(f"--split={args.split!r} is invalid: three shares summing to 1, e.g. 0.8,0.1,0.1")
         manifest = to_shards(cfg, Path(args.out), shard_size=args.shard_size, seed=args.seed, split=split)
-    except (DataValidationError, ValueError, OSError) as err:
+    except (UserError, ValueError, OSError) as err:
         print(f"clipexp: error: {err}", file=sys.stderr)
         return 2
     for name, s in manifest["splits"].items():
@@ -136,6 +136,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"manifest: {Path(args.out) / MANIFEST}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -178,7 +178,7 @@ class CLIPInference:
         problem = folder_manifest_problem(Path(model_dir))  # SHA256SUMS, when the run wrote one
         if problem:
             raise InferenceError(f"{problem}; copy the model again (or re-export it from its run's best checkpoint: "
-                                 f"python -m clipexp.training.export <run folder>)")
+                                 f"clipexp export <run folder>)")
         spec = InferenceSpec.load(model_dir)
         model, processor = load_clip(str(Path(model_dir).resolve()), None, 224, None)
         if spec is None:

@@ -307,7 +307,7 @@ def test_saved_model_folder_carries_a_manifest_and_a_changed_byte_is_refused(run
         CLIPPyfuncModel().load_context(types.SimpleNamespace(artifacts={"clip": str(bad)}))
     assert main(["embed", "--model", str(bad), "--images", str(run["csv"]), "--out", str(tmp_path / "e.npy"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and expected in err[0] and "python -m clipexp.training.export" in err[0], err
+    assert len(err) == 1 and expected in err[0] and "clipexp export <run folder>" in err[0], err
 
 
 # ------------------------------------------------------------------- served input: bytes, not paths

@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+from builders import loss_config
 from test_sweeps import clipexp, parent_and_children, store_uri
 
 LOSSES = ["contrastive", "hard_negative", "domain_specific", "multi_scale", "siglip"]
@@ -31,7 +32,7 @@ def compose_with_hydra(*overrides):
 
 @pytest.mark.parametrize("preset, key, values", [
     ("compare_losses", "loss", LOSSES),
-    ("compare_temperature_schedules", "loss.temperature_schedule", SCHEDULES),
+    ("compare_temperature_schedules", "temperature_schedule", SCHEDULES),
 ])
 def test_comparison_presets_sweep_settings_times_three_seeds(preset, key, values):
     cfg = compose_with_hydra(f"experiment={preset}")
@@ -45,7 +46,7 @@ def test_every_compare_losses_job_is_the_quick_start_with_its_loss(compose_cfg):
     quick = compose_cfg("experiment=quickstart")
     for loss in LOSSES:
         job = compose_cfg("experiment=compare_losses", f"loss={loss}", "seed=1")  # what the sweeper composes
-        assert job.loss.name == loss and job.seed == 1
+        assert job.loss._target_ == loss_config(loss)["_target_"] and job.seed == 1
         assert job.loss.learnable_temp is True
         assert job.model == quick.model and job.trainer == quick.trainer and job.data == quick.data
         assert job.domain.name == "industrial"
@@ -55,9 +56,10 @@ def test_every_compare_losses_job_is_the_quick_start_with_its_loss(compose_cfg):
 def test_every_temperature_schedule_job_validates(compose_cfg):
     quick = compose_cfg("experiment=quickstart")
     for schedule in SCHEDULES:
-        job = compose_cfg("experiment=compare_temperature_schedules", f"loss.temperature_schedule={schedule}", "seed=2")
-        assert job.loss.temperature_schedule == schedule and job.loss.learnable_temp is False
-        assert job.loss.temperature == 0.07 and job.loss.name == "contrastive"
+        job = compose_cfg("experiment=compare_temperature_schedules", f"temperature_schedule={schedule}", "seed=2")
+        assert job.temperature_schedule.schedule_type == schedule and job.loss.learnable_temp is False
+        assert job.loss.temperature == 0.07 and job.loss._target_ == "clipexp.losses.CLIPContrastiveLoss"
+        assert job.temperature_schedule.get("warmup_steps", 60) == 60  # 10% of the quick start's steps where it applies
         assert job.trainer == quick.trainer and job.model == quick.model
 
 
@@ -98,7 +100,7 @@ def test_two_losses_by_two_seeds_sweep_reports_mean_and_std_per_loss(tmp_path):
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     by_loss = {}
     for c in children:
-        by_loss.setdefault(c.data.params["loss.name"], []).append(c.data.metrics)
+        by_loss.setdefault(c.data.tags["loss"], []).append(c.data.metrics)
     path = client.download_artifacts(parent.info.run_id, "sweep_summary_by_setting.csv", str(tmp_path / "dl"))
     settings = pd.read_csv(path)
     assert list(settings["loss"]) == ["contrastive", "siglip"] and list(settings["seeds"]) == [2, 2]

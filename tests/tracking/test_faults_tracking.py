@@ -210,7 +210,7 @@ def test_mlflow_server_that_stops_mid_run_spools_the_rest_and_replays_it(tmp_pat
 
     server = _start_server(backend, port, tmp_path)
     try:
-        res = subprocess.run([sys.executable, "-m", "clipexp.tracking.tracker", "replay", str(run)], cwd=tmp_path, env=_env(),
+        res = subprocess.run([sys.executable, "-m", "clipexp", "replay", str(run)], cwd=tmp_path, env=_env(),
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         client, runs = _runs(uri)

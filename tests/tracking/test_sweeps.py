@@ -164,7 +164,7 @@ def test_optuna_sweep_with_two_trials(tmp_path):
     _, parent, children = parent_and_children(store_uri(tmp_path))
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert set(parent.data.tags["swept_keys"].split(",")) >= {"trainer.learning_rate", "loss.temperature", "loss.hard_negative_ratio"}
-    assert all(c.data.params["loss.name"] == "hard_negative" for c in children)
+    assert all(c.data.tags["loss"] == "hard_negative" for c in children)
     results = list((tmp_path / "multirun").glob("*/*/optimization_results.yaml"))
     assert len(results) == 1 and "best_value" in results[0].read_text()
 
