@@ -320,8 +320,18 @@ class Tracker(NullTracker):
                         status, where, outbox.spool.parent if outbox.spool else "<run dir>")
 
     @property
+    def run_page_url(self) -> str:
+        """The run's page in MLflow's UI, in model-training mode (:func:`clipexp.tracking.ui.run_page_url`): a
+        tracking server's own address, else where ``clipexp ui`` serves this store (http://127.0.0.1:5000)."""
+        from clipexp.tracking.ui import run_page_url, ui_base
+
+        return run_page_url(ui_base(self.uri), self.experiment_id, self.run_id)
+
+    @property
     def run_url(self) -> str:
-        return f"{self.uri}  experiment={self.experiment_id} run={self.run_id}"
+        """What the end of a run prints after ``mlflow:``: the run's page, and for a local store how to serve it."""
+        served = "" if self.uri.startswith(("http://", "https://")) else f" (`clipexp ui` serves {self.uri})"
+        return f"{self.run_page_url}{served}"
 
 
 RUN_FILE = "mlflow_run.json"  # in the run folder: the store, experiment and run id of its MLflow run
@@ -372,9 +382,3 @@ def replay_pending(run_dir: Path, uri: Optional[str] = None) -> int:
         tracker._deliver(kind, [payload])
     spool.rename(spool.with_name(spool.name + ".sent"))
     return len(writes)
-
-
-def overrides_run_name(overrides: list[str]) -> str:
-    """A short run name from the command-line overrides (hydra.* and tracking.* left out)."""
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "tracking", "trainer.resume"))]
-    return ",".join(keep)[:250] or "default"
