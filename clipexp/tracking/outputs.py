@@ -152,23 +152,19 @@ def start_tracking(cfg: Any, *, enabled: bool, overrides: List[str], output_dir:
     return tracker
 
 
-def _captions(dataset, n: int) -> List[str]:
-    caps = list(dataset.captions[:n])
-    return [c if isinstance(c, str) else c[0] for c in caps]
-
-
-def write_plots(plot_dir: Path, result: Optional[Dict[str, Any]], dataset, split: Optional[str], class_names, history) -> None:
-    """Similarity heatmap and zero-shot confusion of the last evaluation (``result``), training curves."""
+def write_plots(plot_dir: Path, result: Optional[Dict[str, Any]], dataset, split: Optional[str], class_names, history,
+                monitor: Optional[str] = None, best_step: Optional[int] = None) -> None:
+    """Similarity heatmap and zero-shot confusion of the last evaluation (``result``, with its ``embeddings``),
+    training curves (``monitor`` and ``best_step`` default to what ``history`` says: :func:`plots.monitored`)."""
     plot_dir.mkdir(parents=True, exist_ok=True)
     if result is not None:
-        e = result["embeddings"]
-        n = min(16, e["image"].shape[0])
-        plots.similarity_heatmap(e["image"][:n] @ e["text"][:n].T, _captions(dataset, n),
-                                 plot_dir / "similarity_heatmap.png", title=f"{split} pairs: image x text cosine similarity")
+        if result.get("embeddings") is not None:
+            plots.similarity_heatmap(result["embeddings"], list(dataset.captions), list(class_names or []),
+                                     plot_dir / "similarity_heatmap.png", split=split)
         if result["confusion"] is not None:
             plots.confusion_matrix(result["confusion"], list(class_names), plot_dir / "zeroshot_confusion.png",
                                    title=f"zero-shot confusion ({split})")
-    plots.training_curves(history, plot_dir / "training_curves.png")
+    plots.training_curves(history, plot_dir / "training_curves.png", monitor, best_step)
 
 
 def write_outputs(output_dir: Path, cfg: Any, summary: Dict[str, Any], model, processor, tracker, hydra_dir: Optional[Path],
