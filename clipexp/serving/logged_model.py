@@ -81,8 +81,8 @@ def model_description(run_id: str, spec: Any, example: Any) -> str:
     run = spec.run or {}
     best = f"{run.get('monitor')} = {run['best_value']:.4f}" if isinstance(run.get("best_value"), (int, float)) else run.get("monitor")
     text = example["text"][0] if "text" in example else ""
-    rows = "\n".join(f"| `{n}` | {k} | {what} |" for n, k, what in INPUTS)
-    outs = "\n".join(f"| `{n}` | {k} | {what} |" for n, k, what in OUTPUTS)
+    rows = "\n".join(f"| `{n}` | `{k}` | {what} |" for n, k, what in INPUTS)  # (in code: `<double>` is no HTML tag there)
+    outs = "\n".join(f"| `{n}` | `{k}` | {what} |" for n, k, what in OUTPUTS)
     return f"""CLIP fine-tuned by clipexp: `{run.get('model')}`, loss `{run.get('loss')}`, domain `{run.get('domain')}`; the weights \
 of the run's best checkpoint ({best}). Zero-shot classes: {', '.join(f'`{c}`' for c in spec.class_names) or '(none)'}.
 
@@ -151,10 +151,12 @@ def log_pyfunc_model(run_id: str, model_dir: Path, *, step: int, register_as: Op
     import clipexp
     from clipexp.serving.inference import InferenceSpec
     from clipexp.serving.pyfunc import ARTIFACT, CLIPPyfuncModel
+    from clipexp.tracking.tracker import source_tags
 
     spec = InferenceSpec.load(model_dir)
     example = _input_example(spec.image_resolution, [t.format(c) for c in spec.class_names[:1] for t in spec.prompt_templates[:1]])
-    tags = {**(tags or {}), NOTE_TAG: model_description(run_id, spec, example)}
+    # the model page's "Logged from": the command, not __main__.py
+    tags = {**source_tags(), **(tags or {}), NOTE_TAG: model_description(run_id, spec, example)}
     # the LoggedModel goes into the run's experiment (MLflow takes the active one), where runs:/<id>/clip finds it
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with warnings.catch_warnings():  # "add type hints to predict": the signature is given explicitly

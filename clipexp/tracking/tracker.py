@@ -112,8 +112,13 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
 
 
 def source_tags(command: str = "clipexp train", root: Path = PROJECT_ROOT) -> Dict[str, str]:
-    """MLflow's own source tags (the runs table's Source column): the command, LOCAL, the git commit."""
+    """MLflow's own source tags (the runs table's Source column, the run page's "Created by"): the command, LOCAL,
+    the git commit and branch, the user."""
     tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(Exception):  # no user name (a container without a passwd entry): left out
+        import getpass
+
+        tags["mlflow.user"] = getpass.getuser()
     commit = git_commit(root).removesuffix("-dirty")
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit

@@ -10,6 +10,7 @@ that docs/sweeps-and-mlflow.md shows into docs/img/.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ CHROMIUM = Path(os.environ.get("CLIPEXP_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1440, "height": 900}
-RUN = ["experiment=quickstart", "trainer.max_steps=60", "trainer.eval_steps=20", "trainer.save_steps=60", "trainer.warmup_steps=6",
+RUN = ["experiment=quickstart", "trainer.max_steps=100", "trainer.eval_steps=25", "trainer.save_steps=100", "trainer.warmup_steps=10",
        "trainer.logging_steps=5", "trainer.progress=false"]
 MONITOR = "val/zeroshot_balanced_acc"
 
@@ -140,8 +141,8 @@ def test_the_printed_address_opens_the_runs_table_in_training_mode(quick_run, ui
         assert genai not in body
     # the saved view: sorted by the monitored metric's best value, its best, test and final values as columns
     assert f"Sort: best/{MONITOR}" in body
-    headers = [h.strip() for h in page.locator(".ag-header-cell-text").all_inner_texts()]
-    assert [f"best/{MONITOR}", "test/zeroshot_balanced_acc", MONITOR] == [h for h in headers if "zeroshot" in h]
+    headers = [h.strip() for h in page.locator("[role=columnheader]").all_inner_texts()]
+    assert [f"best/{MONITOR}", "test/zeroshot_balanced_acc", MONITOR] == list(dict.fromkeys(h for h in headers if "zeroshot" in h))
     best = f"{metrics['best_value']:.4f}"[:5]
     assert best in body  # the best value itself, in the table
     _shot(page, "mlflow-runs.png", tmp_path)
@@ -156,6 +157,9 @@ def test_the_run_page_shows_the_results_table_and_the_metric_charts(quick_run, u
     assert f"Monitored: {MONITOR}, best at step {metrics['best_step']}." in description
     test_value = f"{metrics['test']['test/zeroshot_balanced_acc']:.4f}"
     assert test_value in description and "Model training" in description and "Observability" not in description
+    page.get_by_text("Show more").first.click()  # the description unfolded: the whole table
+    user = getpass.getuser()
+    assert f"Created by\n{user}" in page.inner_text("body")
     _shot(page, "mlflow-run.png", tmp_path)
 
     page.get_by_role("tab", name="Model metrics").click() if page.get_by_role("tab", name="Model metrics").count() else \
@@ -172,7 +176,22 @@ def test_the_run_page_shows_the_results_table_and_the_metric_charts(quick_run, u
         assert section in body.split("\n")
     plotted = page.evaluate("() => document.querySelectorAll('.main-svg .scatterlayer .trace').length")
     assert plotted >= 4  # line charts drawn (plotly traces), not empty cards
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": 1300})  # the train/* row in the picture too
+    page.wait_for_timeout(1000)
     _shot(page, "mlflow-run-metrics.png", tmp_path)
+    page.set_viewport_size(VIEWPORT)
+
+    # the logged plots read in the artifact preview: the training-curve grid at its own size
+    page.get_by_role("tab", name="Artifacts").click() if page.get_by_role("tab", name="Artifacts").count() else \
+        page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("plots", exact=True).first.click()
+    page.get_by_text("training_curves.png", exact=True).first.click()
+    page.get_by_text("plots/training_curves.png").first.wait_for(timeout=30_000)  # the preview's heading
+    page.wait_for_function("() => [...document.images].some(i => i.naturalWidth > 1000)", timeout=30_000)
+    (natural_w, natural_h, shown_w) = page.evaluate(
+        "() => [...document.images].filter(i => i.naturalWidth > 1000).map(i => [i.naturalWidth, i.naturalHeight, i.width])[0]")
+    assert (natural_w, natural_h) == (1260, 680) and shown_w >= 0.6 * natural_w  # the grid, shown at most ~1.6x smaller
+    _shot(page, "mlflow-run-plots.png", tmp_path)
 
 
 def test_the_model_page_says_how_to_load_the_model(quick_run, ui_server, page, tmp_path):
@@ -203,3 +222,11 @@ def test_without_the_mode_in_the_address_mlflow_opens_its_genai_overview(quick_r
     page.goto(f"{base}/#/experiments/{metrics['mlflow']['experiment_id']}")
     page.get_by_text("Token Usage").first.wait_for(timeout=60_000)
     assert "workflowType=genai" in page.url and "Observability" in page.inner_text("body")
+    # the sidebar's switch is remembered by the browser: after one click on Model training, the plain address opens the runs
+    if page.get_by_text("Got it", exact=True).count():  # MLflow's one-time tip on the GenAI overview covers the page
+        page.get_by_text("Got it", exact=True).first.click()
+    page.get_by_text("Model training", exact=True).first.click()
+    page.get_by_text("Run Name").first.wait_for(timeout=60_000)
+    page.goto(f"{base}/#/experiments/{metrics['mlflow']['experiment_id']}")
+    page.get_by_text("Run Name").first.wait_for(timeout=60_000)
+    assert "/runs" in page.url and "Observability" not in page.inner_text("body")

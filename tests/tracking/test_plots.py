@@ -51,7 +51,7 @@ def test_training_curves_are_a_grid_led_by_the_monitored_metric_with_the_best_st
 
     path = plots.training_curves(history, tmp_path / "curves.png")
     with Image.open(path) as img:
-        assert img.size == (1500, 720)  # 3 columns x 5 in, 2 rows x 3.6 in, 100 dpi: reads in MLflow's preview
+        assert img.size == (1260, 680)  # 3 columns x 4.2 in, 2 rows x 3.4 in, 100 dpi: reads in MLflow's preview
         pixels = np.asarray(img.convert("L"), dtype=float)
     assert pixels.std() > 10  # drawn, not blank
 
