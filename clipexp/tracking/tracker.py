@@ -310,9 +310,12 @@ class Tracker(NullTracker):
         """Deliver everything, then the run's final status; never raises for the store's sake."""
         if self.run_id is None or self.outbox is None:
             return
-        if self._system_metrics is not None:
-            with contextlib.suppress(Exception):
-                self._system_metrics.finish()
+        if self._system_metrics is not None:  # its thread may be inside a store call: waited for as long as the writes, no longer
+            import threading
+
+            stopper = threading.Thread(target=self._system_metrics.finish, name="clipexp-system-metrics-stop", daemon=True)
+            stopper.start()
+            stopper.join(timeout=self.end_timeout_s)
         self.outbox.put("end", {"status": status})
         outbox, self.outbox = self.outbox, None
         left = outbox.close(self.end_timeout_s)
