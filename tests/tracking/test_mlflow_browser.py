@@ -140,12 +140,20 @@ def test_the_printed_address_opens_the_runs_table_in_training_mode(quick_run, ui
     for genai in ("Observability", "Token Usage", "Latency"):
         assert genai not in body
     # the saved view: sorted by the monitored metric's best value, its best, test and final values as columns
-    assert f"Sort: best/{MONITOR}" in body
+    assert f"Sort: best/{MONITOR}" in body and f"clipexp: best {MONITOR}" in body and "You're viewing a shared view" in body
     headers = [h.strip() for h in page.locator("[role=columnheader]").all_inner_texts()]
     assert [f"best/{MONITOR}", "test/zeroshot_balanced_acc", MONITOR] == list(dict.fromkeys(h for h in headers if "zeroshot" in h))
+    placed = page.evaluate("() => [...document.querySelectorAll('[role=columnheader]')].map(e => [e.innerText.trim(), e.getBoundingClientRect().left])")
+    order = [h for h in dict.fromkeys(h for h, _ in sorted(placed, key=lambda p: p[1])) if h in
+             ("Run Name", "Created", f"best/{MONITOR}", "Duration", "Source")]  # as drawn, left to right (the grid's DOM order is not)
+    assert order == ["Run Name", "Created", f"best/{MONITOR}", "Duration", "Source"]  # (Models: further right, drawn when scrolled to)
     best = f"{metrics['best_value']:.4f}"[:5]
     assert best in body  # the best value itself, in the table
     _shot(page, "mlflow-runs.png", tmp_path)
+    # a link inside the UI does not carry the mode: a fresh browser shows the run with MLflow's GenAI sidebar
+    page.get_by_text(name, exact=True).first.click()
+    page.get_by_text("Model metrics", exact=True).first.wait_for(timeout=60_000)
+    assert "/runs/" in page.url and "workflowType" not in page.url and "Observability" in page.inner_text("body")
 
 
 def test_the_run_page_shows_the_results_table_and_the_metric_charts(quick_run, ui_server, page, tmp_path):
@@ -180,6 +188,9 @@ def test_the_run_page_shows_the_results_table_and_the_metric_charts(quick_run, u
     page.wait_for_timeout(1000)
     _shot(page, "mlflow-run-metrics.png", tmp_path)
     page.set_viewport_size(VIEWPORT)
+
+    page.get_by_text("System metrics", exact=True).first.click()  # sampled by MLflow (every 2 s in this test)
+    page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
 
     # the logged plots read in the artifact preview: the training-curve grid at its own size
     page.get_by_role("tab", name="Artifacts").click() if page.get_by_role("tab", name="Artifacts").count() else \

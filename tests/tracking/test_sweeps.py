@@ -67,7 +67,7 @@ def test_parent_child_runs_and_summary(sweep):
     tags = parent.data.tags
     assert tags["swept_keys"] == "loss.temperature,trainer.learning_rate"
     assert tags["sweep_command"].startswith("python -m clipexp -m ") and "loss.temperature=0.03,0.07" in tags["sweep_command"]
-    assert tags["sweep_id"].count("/") == 1
+    assert tags["sweep_id"].count("/") == 1 and parent.info.run_name == f"sweep {tags['sweep_id']}"
     assert [c.data.tags["job_num"] for c in children] == ["0", "1", "2", "3"]
     statuses = {(c.data.params["loss.temperature"], c.data.params["trainer.learning_rate"]): c.info.status for c in children}
     assert statuses == {("0.03", "0.001"): "FINISHED", ("0.03", "1e+30"): "FAILED",
