@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # make test THREADS=1 (or 2): the suite's torch intra-op threads; empty = torch's default
 THREADS ?=
 
-.PHONY: setup quickstart test docs bench clean
+.PHONY: setup quickstart test docs notebook bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ docs: setup
 	$(BIN)/python -m clipexp.config.reference > docs/reference/configuration.md   # regenerate the reference
 	$(BIN)/python -m clipexp.config.reference --trainer-yaml > conf/trainer/default.yaml
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+notebook: setup  # notebooks/compare_runs.ipynb on this folder's store (or MLFLOW_TRACKING_URI), executed, as HTML
+	$(BIN)/python -m nbconvert --to html --execute notebooks/compare_runs.ipynb --output-dir outputs/notebooks
+	@echo "open outputs/notebooks/compare_runs.html"
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py

@@ -179,6 +179,7 @@ class Evaluator:
             confusion = None
             if class_names and (e["labels"] >= 0).any():
                 class_embeds = class_text_embeddings(self.encode_prompts, class_names, templates)
+                e["class_text"] = class_embeds  # the class prompts' embeddings: the similarity heatmap's columns
                 zs = zero_shot_metrics(e["image"], e["labels"], class_embeds)
                 confusion = zs.pop("confusion")
                 metrics.update(zs)

@@ -94,8 +94,8 @@ def export(argv: List[str]) -> int:
     return 0
 
 
-def ui_command(argv: List[str]) -> Optional[List[str]]:
-    """The ``mlflow ui`` command line for ``clipexp ui`` (None after a one-line error)."""
+def ui_command(argv: List[str]) -> Optional[tuple]:
+    """The ``mlflow ui`` command line for ``clipexp ui`` and the parsed arguments (None after a one-line error)."""
     p = _parser("ui", "Open the MLflow UI (mlflow ui) on a run's store: the one named in <run dir>/mlflow_run.json, else the "
                 "store rule's (MLFLOW_TRACKING_URI, else ./mlflow.db of the current folder).",
                 ["clipexp ui                               # ./mlflow.db, http://127.0.0.1:5000",
@@ -106,6 +106,8 @@ def ui_command(argv: List[str]) -> Optional[List[str]]:
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only) or 0.0.0.0")
     p.add_argument("--backend-store-uri", default=None, help="this store instead")
     p.add_argument("--workers", type=int, default=1, help="server processes (1 is plenty for one person)")
+    p.add_argument("--experiment", default=None, help="open this experiment's runs (default: the run folder's, else the latest run's)")
+    p.add_argument("--no-browser", action="store_true", help="print the address only (a browser opens only on a desktop session)")
     p.add_argument("--print-command", action="store_true", help="print the mlflow command and exit")
     args = p.parse_args(argv)
     from clipexp.tracking.tracker import RUN_FILE, artifact_root, default_tracking_uri, resolve_uri
@@ -123,18 +125,29 @@ def ui_command(argv: List[str]) -> Optional[List[str]]:
     root = artifact_root(store)
     if root is not None:
         cmd += ["--artifacts-destination", str(root)]
-    return cmd
+    return cmd, args
 
 
 def ui(argv: List[str]) -> int:
-    cmd = ui_command(argv)
-    if cmd is None:
+    parsed = ui_command(argv)
+    if parsed is None:
         return EXIT_USAGE
-    if "--print-command" in argv:
+    cmd, args = parsed
+    if args.print_command:
         print(" ".join(cmd))
         return 0
-    host, port = cmd[cmd.index("--host") + 1], cmd[cmd.index("--port") + 1]
-    print(f"MLflow UI on {cmd[cmd.index('--backend-store-uri') + 1]} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    import subprocess
+
+    from clipexp.tracking.ui import graphical_browser, served_base, ui_addresses
+
+    store, base = cmd[cmd.index("--backend-store-uri") + 1], served_base(args.host, args.port)
+    run = json.loads((args.run_dir / "mlflow_run.json").read_text()) if args.run_dir is not None and not args.backend_store_uri else None
+    pages = ui_addresses(store, base, run, args.experiment)
+    print(f"MLflow UI on {store} at {base} (Ctrl-C stops it)\nruns (model training): {pages['runs']}"
+          + (f"\nthis run: {pages['run']}" if "run" in pages else ""), flush=True)
+    if not args.no_browser and graphical_browser():  # opens the page once the server answers, beside it
+        subprocess.Popen([sys.executable, "-m", "clipexp.tracking.ui", pages.get("run", pages["runs"]), f"{base}/health"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # MLflow's job runner (GenAI evaluation jobs, ~10 processes) is off unless asked for: training runs do not use it
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, cmd)  # the process becomes the UI server: Ctrl-C and kill reach it directly

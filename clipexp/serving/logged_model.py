@@ -36,14 +36,83 @@ from clipexp.files import disk_full_error, write_folder_manifest
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "clip"  # runs:/<run id>/clip
+NOTE_TAG = "mlflow.note.content"  # the model page's description (Markdown)
+
+
+#: the model's columns, each ``(name, MLflow type, what it holds)``: the signature and the model page's description
+INPUTS = (("image", "string", "base64-encoded image bytes (PNG, JPEG, ...)"), ("text", "string", "a caption or query"))
+OUTPUTS = (
+    ("predicted_class", "string", "zero_shot: the class with the highest probability"),
+    ("probability", "double", "zero_shot: its probability"),
+    ("probabilities", "map<double>", "zero_shot: {class: probability}"),
+    ("image_embedding", "array<double>", "embed: the L2-normalised image embedding"),
+    ("text_embedding", "array<double>", "embed: the L2-normalised text embedding"),
+    ("scores", "array<double>", "similarity: the row's image against every text of the request"),
+    ("best_text", "string", "similarity: the text with the highest score"),
+    ("error", "string", "the image of this row could not be read (the other rows are answered)"),
+)
+
+
+def _colspec(name: str, kind: str):
+    from mlflow.types import ColSpec, DataType
+    from mlflow.types.schema import Array, Map
+
+    if kind.startswith("array<"):
+        return ColSpec(Array(DataType[kind[6:-1]]), name, required=False)
+    if kind.startswith("map<"):
+        return ColSpec(Map(DataType[kind[4:-1]]), name, required=False)
+    return ColSpec(kind, name, required=False)
 
 
 def _signature():
+    """Typed inputs (every column optional: a task needs some of them), the columns each task answers with, and
+    the ``task`` parameter."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "text", required=False)])
-    return ModelSignature(inputs=inputs, params=ParamSchema([ParamSpec("task", "string", "zero_shot")]))
+    return ModelSignature(inputs=Schema([_colspec(n, k) for n, k, _ in INPUTS]), outputs=Schema([_colspec(n, k) for n, k, _ in OUTPUTS]),
+                          params=ParamSchema([ParamSpec("task", "string", "zero_shot")]))
+
+
+def model_description(run_id: str, spec: Any, example: Any) -> str:
+    """The LoggedModel's description (its page in MLflow's UI, Markdown): what it holds, how to load and serve
+    it, its signature, and the input example (``input_example.json`` among its artifacts)."""
+    uri = f"runs:/{run_id}/{MODEL_NAME}"
+    run = spec.run or {}
+    best = f"{run.get('monitor')} = {run['best_value']:.4f}" if isinstance(run.get("best_value"), (int, float)) else run.get("monitor")
+    text = example["text"][0] if "text" in example else ""
+    rows = "\n".join(f"| `{n}` | `{k}` | {what} |" for n, k, what in INPUTS)  # (in code: `<double>` is no HTML tag there)
+    outs = "\n".join(f"| `{n}` | `{k}` | {what} |" for n, k, what in OUTPUTS)
+    return f"""CLIP fine-tuned by clipexp: `{run.get('model')}`, loss `{run.get('loss')}`, domain `{run.get('domain')}`; the weights \
+of the run's best checkpoint ({best}). Zero-shot classes: {', '.join(f'`{c}`' for c in spec.class_names) or '(none)'}.
+
+**Load and predict** (`pip install mlflow` and the model's `requirements.txt`):
+
+```python
+import base64, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("{uri}")
+image = base64.b64encode(open("image.png", "rb").read()).decode()
+model.predict(pd.DataFrame({{"image": [image]}}), params={{"task": "zero_shot"}})   # or "embed", "similarity" (with a "text" column)
+```
+
+**Serve**: `mlflow models serve -m {uri} --env-manager local -p 5001`, then POST `{{"dataframe_split": {{"columns": ["image"], \
+"data": [["<base64>"]]}}, "params": {{"task": "zero_shot"}}}}` to `http://127.0.0.1:5001/invocations`.
+
+**Input** (params: `task` = `zero_shot` (default) | `embed` | `similarity`):
+
+| column | type | holds |
+|---|---|---|
+{rows}
+
+**Output** (one row per input row):
+
+| column | type | holds |
+|---|---|---|
+{outs}
+
+**Input example** (`input_example.json` in Artifacts): one generated {spec.image_resolution} x {spec.image_resolution} PNG and the \
+text "{text}".
+"""
 
 
 def _input_example(resolution: int, texts: Sequence[str]):
@@ -82,9 +151,12 @@ def log_pyfunc_model(run_id: str, model_dir: Path, *, step: int, register_as: Op
     import clipexp
     from clipexp.serving.inference import InferenceSpec
     from clipexp.serving.pyfunc import ARTIFACT, CLIPPyfuncModel
+    from clipexp.tracking.tracker import source_tags
 
     spec = InferenceSpec.load(model_dir)
     example = _input_example(spec.image_resolution, [t.format(c) for c in spec.class_names[:1] for t in spec.prompt_templates[:1]])
+    # the model page's "Logged from": the command, not __main__.py
+    tags = {**source_tags(), **(tags or {}), NOTE_TAG: model_description(run_id, spec, example)}
     # the LoggedModel goes into the run's experiment (MLflow takes the active one), where runs:/<id>/clip finds it
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with warnings.catch_warnings():  # "add type hints to predict": the signature is given explicitly

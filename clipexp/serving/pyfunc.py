@@ -15,6 +15,10 @@ class CLIPPyfuncModel(mlflow.pyfunc.PythonModel):
     ``CLIPEXP_DEVICE`` (default auto) and ``CLIPEXP_BATCH_SIZE`` choose where and how it encodes; images are
     bytes (base64), never server paths, within the limits of :mod:`clipexp.serving.policy` (``CLIPEXP_MAX_*``)."""
 
+    # the signature is given when the model is logged (clipexp.serving.logged_model), not read from type hints: this
+    # keeps MLflow from wrapping predict for them and from warning "Add type hints" wherever this module is imported
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from clipexp.serving.inference import CLIPInference, InferenceSpec
         from clipexp.serving.policy import ServedSources, ServeLimits

@@ -3,8 +3,9 @@
 ``MLflowSweepCallback`` is a Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``):
 
 * ``on_multirun_start`` creates the parent run (tags: sweep id, the sweep command, the swept keys) and
-  writes its id to ``<sweep dir>/mlflow_parent_run_id``; each job's trainer reads that file and opens
-  its run as a child (so it works with the basic, joblib and submitit launchers alike).
+  writes its id to ``<sweep dir>/mlflow_parent_run_id`` and the swept keys to ``mlflow_swept_keys``; each job's
+  trainer reads them and opens its run as a child named by its swept values (so it works with the basic,
+  joblib and submitit launchers alike).
 * ``on_multirun_end`` (and, for robustness, every ``on_job_end`` in the main process) writes the summary:
   a table (one row per job: swept values, monitored metric, baseline, final, test, status) as CSV and
   Markdown, the mean and std over seeds of each setting (jobs grouped by their swept values other than
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent_run_id"
+SWEPT_FILE = "mlflow_swept_keys"  # the swept keys, comma-separated: each job names its run by its values of them
 
 
 def swept_keys(config: DictConfig) -> List[str]:
@@ -82,6 +84,7 @@ class MLflowSweepCallback(Callback):
         )
         self.parent_run_id = self.tracker.run_id
         (sweep_dir / PARENT_FILE).write_text(self.parent_run_id)
+        (sweep_dir / SWEPT_FILE).write_text(",".join(keys))
         log.info("MLflow sweep parent run %s (experiment %s)", self.parent_run_id, config.tracking.experiment)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:

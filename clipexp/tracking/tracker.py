@@ -112,8 +112,13 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
 
 
 def source_tags(command: str = "clipexp train", root: Path = PROJECT_ROOT) -> Dict[str, str]:
-    """MLflow's own source tags (the runs table's Source column): the command, LOCAL, the git commit."""
+    """MLflow's own source tags (the runs table's Source column, the run page's "Created by"): the command, LOCAL,
+    the git commit and branch, the user."""
     tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(Exception):  # no user name (a container without a passwd entry): left out
+        import getpass
+
+        tags["mlflow.user"] = getpass.getuser()
     commit = git_commit(root).removesuffix("-dirty")
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
@@ -305,9 +310,12 @@ class Tracker(NullTracker):
         """Deliver everything, then the run's final status; never raises for the store's sake."""
         if self.run_id is None or self.outbox is None:
             return
-        if self._system_metrics is not None:
-            with contextlib.suppress(Exception):
-                self._system_metrics.finish()
+        if self._system_metrics is not None:  # its thread may be inside a store call: waited for as long as the writes, no longer
+            import threading
+
+            stopper = threading.Thread(target=self._system_metrics.finish, name="clipexp-system-metrics-stop", daemon=True)
+            stopper.start()
+            stopper.join(timeout=self.end_timeout_s)
         self.outbox.put("end", {"status": status})
         outbox, self.outbox = self.outbox, None
         left = outbox.close(self.end_timeout_s)
@@ -320,8 +328,18 @@ class Tracker(NullTracker):
                         status, where, outbox.spool.parent if outbox.spool else "<run dir>")
 
     @property
+    def run_page_url(self) -> str:
+        """The run's page in MLflow's UI, in model-training mode (:func:`clipexp.tracking.ui.run_page_url`): a
+        tracking server's own address, else where ``clipexp ui`` serves this store (http://127.0.0.1:5000)."""
+        from clipexp.tracking.ui import run_page_url, ui_base
+
+        return run_page_url(ui_base(self.uri), self.experiment_id, self.run_id)
+
+    @property
     def run_url(self) -> str:
-        return f"{self.uri}  experiment={self.experiment_id} run={self.run_id}"
+        """What the end of a run prints after ``mlflow:``: the run's page, and for a local store how to serve it."""
+        served = "" if self.uri.startswith(("http://", "https://")) else f" (`clipexp ui` serves {self.uri})"
+        return f"{self.run_page_url}{served}"
 
 
 RUN_FILE = "mlflow_run.json"  # in the run folder: the store, experiment and run id of its MLflow run
@@ -372,9 +390,3 @@ def replay_pending(run_dir: Path, uri: Optional[str] = None) -> int:
         tracker._deliver(kind, [payload])
     spool.rename(spool.with_name(spool.name + ".sent"))
     return len(writes)
-
-
-def overrides_run_name(overrides: list[str]) -> str:
-    """A short run name from the command-line overrides (hydra.* and tracking.* left out)."""
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "tracking", "trainer.resume"))]
-    return ",".join(keep)[:250] or "default"

@@ -104,6 +104,12 @@ def test_logged_model_is_linked_to_run_metrics_and_registered(run):
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "text"]
     assert info.signature.params.to_dict()[0]["name"] == "task"
     assert info.saved_input_example_info is not None
+    # typed outputs, and the model page's description: how to load it, its columns (tests/tracking/test_mlflow_browser.py shows it)
+    outputs = {c["name"]: c["type"] for c in info.signature.outputs.to_dict()}
+    assert (outputs["predicted_class"], outputs["probabilities"], outputs["image_embedding"]) == ("string", "map", "array")
+    note = model.tags["mlflow.note.content"]
+    assert f'mlflow.pyfunc.load_model("runs:/{run["run_id"]}/clip")' in note and "| `probabilities` | `map<double>` |" in note
+    assert model.tags["mlflow.source.name"] == "clipexp train"
 
     version = client.get_model_version(REGISTERED, "1")
     assert version.run_id == run["run_id"] and version.tags["monitor"] == "val/t2i_R1"

@@ -1,7 +1,9 @@
 """What the MLflow UI shows for a run, read through the REST API of the server ``clipexp ui`` starts: the
-experiment opens as a model-training experiment, the runs table's Dataset (name, digest, source) and Source
-(command, git commit) columns are filled, system metrics are there; and the store rule (a run started in a
-folder keeps its store and artifacts in that folder) holds."""
+experiment is a model-training experiment with the saved runs view on the monitored metric, the runs table's
+Dataset (name, digest, source) and Source (command, git commit) columns are filled, the run has its descriptive
+name, its results table as description and system metrics (on by default); `clipexp ui` prints the addresses
+of the runs and of the run; and the store rule (a run started in a folder keeps its store and artifacts in that
+folder) holds. (tests/tracking/test_mlflow_browser.py looks at the same pages in a browser.)"""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metri
     from clipexp.config.compose import compose as compose_and_validate
     from clipexp.config.checks import eval_metric_names
 
-    args = ["experiment=smoke", "trainer.max_steps=3", "trainer.warmup_steps=10", "trainer.eval_steps=50", "tracking.system_metrics=true"]
+    args = ["experiment=smoke", "trainer.max_steps=3", "trainer.warmup_steps=10", "trainer.eval_steps=50"]  # system metrics: the default
     res = subprocess.run([sys.executable, "-m", "clipexp.cli.main", "train", *args], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env=_env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -60,8 +62,15 @@ def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metri
     assert meta["uri"] == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     assert (tmp_path / "mlartifacts" / "smoke" / meta["run_id"] / "artifacts" / "config.yaml").is_file()
 
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    # the heatmap of a split with classes: 3 classes' images against 3 classes' prompts (a small picture; 12 captions' is wider)
+    from PIL import Image
+
+    with Image.open(run_dir / "plots" / "similarity_heatmap.png") as heatmap:
+        assert heatmap.size == (671, 429)
+
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "clipexp.cli.main", "ui", str(run_dir), "--port", str(port)], cwd=tmp_path,
+    server = subprocess.Popen([sys.executable, "-m", "clipexp.cli.main", "ui", str(run_dir), "--port", str(port), "--no-browser"], cwd=tmp_path,
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -76,9 +85,24 @@ def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metri
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+    printed = server.stdout.read()
+    from clipexp.tracking.ui import run_page_url, runs_page_url, runs_view
+
+    exp_id, run_id = exp["experiment_id"], run["info"]["run_id"]
+    assert f"runs (model training): {runs_page_url(base, exp_id, 'clipexp')}\n" in printed
+    assert f"this run: {run_page_url(base, exp_id, run_id)}\n" in printed
+    assert summary["mlflow"] == {"run_page": run_page_url("http://127.0.0.1:5000", exp_id, run_id), "run_id": run_id,
+                                 "experiment_id": exp_id, "tracking_uri": meta["uri"]}
+    view = json.loads({t["key"]: t["value"] for t in exp["tags"]}["mlflow.sharedViewState.clipexp"])
+    assert json.loads(view["state"]) == json.loads(runs_view(summary["monitor"], "max")["state"])
 
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["mlflow.source.name"] == "clipexp train" and tags["mlflow.source.type"] == "LOCAL"
+    assert run["info"]["run_name"] == "tiny, contrastive, industrial, textile, seed 42"
+    from clipexp.tracking.outputs import summary_markdown
+
+    assert tags["mlflow.note.content"] == summary_markdown(summary, summary["best_step"], summary["monitor"])
+    assert "| zeroshot_balanced_acc | " in tags["mlflow.note.content"]
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_commit"].startswith(tags["mlflow.source.git.commit"])
     inputs = {d["dataset"]["name"]: d for d in run["inputs"]["dataset_inputs"]}
     assert sorted(inputs) == ["textile-test", "textile-train", "textile-val"]

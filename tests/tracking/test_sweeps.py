@@ -67,12 +67,15 @@ def test_parent_child_runs_and_summary(sweep):
     tags = parent.data.tags
     assert tags["swept_keys"] == "loss.temperature,trainer.learning_rate"
     assert tags["sweep_command"].startswith("python -m clipexp -m ") and "loss.temperature=0.03,0.07" in tags["sweep_command"]
-    assert tags["sweep_id"].count("/") == 1
+    assert tags["sweep_id"].count("/") == 1 and parent.info.run_name == f"sweep {tags['sweep_id']}"
     assert [c.data.tags["job_num"] for c in children] == ["0", "1", "2", "3"]
     statuses = {(c.data.params["loss.temperature"], c.data.params["trainer.learning_rate"]): c.info.status for c in children}
     assert statuses == {("0.03", "0.001"): "FINISHED", ("0.03", "1e+30"): "FAILED",
                         ("0.07", "0.001"): "FINISHED", ("0.07", "1e+30"): "FAILED"}
     assert "trainer.learning_rate=1e+30" in children[1].data.tags["hydra_overrides"]
+    # each job's run is named by its swept values (the parent groups them)
+    assert [c.info.run_name for c in children] == [f"loss.temperature={t}, trainer.learning_rate={lr}"
+                                                   for t in ("0.03", "0.07") for lr in ("0.001", "1e+30")]
     assert parent.info.status == "FINISHED"
     assert "sweep: 4 jobs, 2 not finished" in res.stdout
 
@@ -94,23 +97,42 @@ def test_parent_child_runs_and_summary(sweep):
     assert {"sweep_summary.csv", "sweep_summary.md", "plots/sweep_loss.temperature.png", "plots/sweep_trainer.learning_rate.png"} <= arts
 
 
-def test_notebook_runs_top_to_bottom(sweep):
+def test_notebook_finds_the_experiment_labels_runs_by_name_and_renders_to_html(sweep):
+    """With only MLFLOW_TRACKING_URI set (the sweep logs to ``smoke``, not ``clipexp``), as `make notebook` runs it."""
+    import base64
+    import io
+
     import nbformat
+    import numpy as np
     from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+    from PIL import Image
 
     work, _ = sweep
     nb = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
-    os.environ.update({"CLIPEXP_TRACKING_URI": store_uri(work), "CLIPEXP_EXPERIMENT": "smoke"})
+    saved = {k: os.environ.pop(k, None) for k in ("CLIPEXP_TRACKING_URI", "CLIPEXP_EXPERIMENT", "MLFLOW_TRACKING_URI")}
+    os.environ["MLFLOW_TRACKING_URI"] = store_uri(work)
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
     finally:
-        for k in ("CLIPEXP_TRACKING_URI", "CLIPEXP_EXPERIMENT"):
-            os.environ.pop(k, None)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "swept: ['loss.temperature', 'trainer.learning_rate']" in text
+        os.environ.pop("MLFLOW_TRACKING_URI")
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "experiment: smoke" in text and "swept: ['loss.temperature', 'trainer.learning_rate']" in text
+    # the runs are labelled by their names: the swept values of each job
+    assert "runs: loss.temperature=0.03, trainer.learning_rate=0.001 (FINISHED); loss.temperature=0.03, trainer.learning_rate=1e+30 (FAILED)" in text
+    assert "job nan" not in text and "nan (" not in text
     assert "best configuration: loss.temperature=" in text and "trainer.learning_rate=0.001" in text
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # learning curves + metric vs temperature
+    pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+    pictures = [Image.open(io.BytesIO(base64.b64decode(png))) for png in pngs]
+    assert len(pictures) == 2  # learning curves + metric vs temperature
+    curves, temperature = pictures
+    assert curves.size[0] > 2 * curves.size[1] > 600 and temperature.size[0] > 300  # two panels side by side; one plot
+    for picture in pictures:
+        assert np.asarray(picture.convert("L"), dtype=float).std() > 10  # drawn, not blank
+    html, _ = HTMLExporter().from_notebook_node(nb)  # what `make notebook` writes
+    assert all(f"data:image/png;base64,{png.strip()[:200]}" in html for png in pngs) and "best configuration" in html
 
 
 def _free_port() -> int:
