@@ -97,7 +97,9 @@ def to_shards(data_cfg: Dict[str, Any], out: Path, *, shard_size: int = 1000, se
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "clipexp shards") -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"examples:\n  {prog} /data/pairs.csv /data/shards/\n  {prog} textile /data/textile_shards/ --shard-size 200\n"
+                                        f"  {prog} /data/pairs.json /data/shards/ --source json --split 1,0,0")
     ap.add_argument("path", help="the source: a CSV / JSON file, a folder, a saved HF dataset, or 'textile'")
     ap.add_argument("out", help="output folder for the shards and manifest.json")
     ap.add_argument("--source", default=None, help="csv | json | folder | hf | textile (default: from the path)")
