@@ -34,7 +34,8 @@ def _parser(name: str, description: str, examples: List[str]) -> argparse.Argume
 
 def replay(argv: List[str]) -> int:
     p = _parser("replay", "Send the MLflow writes a run held back (its store was down or locked: <run dir>/mlflow_pending.jsonl) "
-                "to its store now.", ["clipexp replay outputs/2026-01-31/12-00-00-000000",
+                "to its store now; a run the store no longer has (its file deleted or replaced) is recreated from the run "
+                "folder's journal.", ["clipexp replay outputs/2026-01-31/12-00-00-000000",
                                       "clipexp replay outputs/<date>/<time> --tracking-uri http://127.0.0.1:5000"])
     p.add_argument("run_dir", type=Path, help="the run folder (holds mlflow_run.json and mlflow_pending.jsonl)")
     p.add_argument("uri", nargs="?", default=None, help=argparse.SUPPRESS)  # the old positional form
@@ -44,11 +45,20 @@ def replay(argv: List[str]) -> int:
 
     if not (args.run_dir / RUN_FILE).is_file():
         return _fail(f"{args.run_dir}: no {RUN_FILE} (not the folder of a tracked run)")
-    if not (args.run_dir / Tracker.PENDING_FILE).is_file():
+    if not (args.run_dir / Tracker.PENDING_FILE).is_file() and not (args.run_dir / Tracker.JOURNAL_FILE).is_file():
         print(f"nothing to send: {args.run_dir} has no {Tracker.PENDING_FILE}")
         return 0
-    sent = replay_pending(args.run_dir, args.tracking_uri or args.uri)
-    print(f"sent {sent} held writes to the run's MLflow store")
+    try:
+        result = replay_pending(args.run_dir, args.tracking_uri or args.uri)
+    except UserError as err:
+        return _fail(str(err))
+    if result["recreated_from"]:
+        print(f"the store had no run {result['recreated_from']} (deleted or replaced): recreated it as run {result['run_id']} "
+              f"from {args.run_dir / Tracker.JOURNAL_FILE} ({result['sent']} writes: params, tags, metrics, artifacts, status)")
+    elif result["sent"]:
+        print(f"sent {result['sent']} held writes to the run's MLflow store")
+    else:
+        print(f"nothing to send: {args.run_dir} has no {Tracker.PENDING_FILE}")
     return 0
 
 

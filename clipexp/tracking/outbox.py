@@ -32,11 +32,12 @@ THREAD_NAME = "clipexp-tracking"
 
 
 class _FromSender(logging.Filter):
-    """Drops the records a library logs from the sender thread (MLflow logs every failed SQLite call
-    with its traceback): the outbox's own warning stands for them."""
+    """Drops the records the store's libraries log from background threads (the outbox's sender, MLflow's
+    system-metrics sampler and its logging queue): MLflow logs every failed SQLite call with an 80-line traceback,
+    and the outbox's one warning stands for them. The main thread's records (creating the run) still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != THREAD_NAME
+        return record.threadName == "MainThread"
 
 
 _FILTER = _FromSender()
@@ -45,8 +46,9 @@ _FILTER = _FromSender()
 class Outbox:
     def __init__(self, deliver: Callable[[str, List[Any]], None], retryable: Callable[[BaseException], bool], store: str,
                  retry_s: float = 30.0, spool: Optional[Path] = None, merge: Sequence[str] = ("metrics",),
-                 merge_limit: int = 1000, quiet_loggers: Sequence[str] = ()):
-        self._deliver, self._retryable, self.store = deliver, retryable, store
+                 merge_limit: int = 1000, quiet_loggers: Sequence[str] = (), gone: Optional[Callable[[], Optional[str]]] = None):
+        self._deliver, self._retryable, self.store, self._gone = deliver, retryable, store, gone
+        self.gone_reason: Optional[str] = None  # set when the store itself is gone: nothing more is sent, all is spooled
         self.retry_s, self.spool = float(retry_s), spool
         self._merge, self._merge_limit = set(merge), merge_limit
         self._queue: Deque[Write] = collections.deque()
@@ -94,6 +96,10 @@ class Outbox:
             try:
                 self._deliver(kind, payloads)
             except Exception as err:  # noqa: BLE001 - the store's failures must never reach training
+                why = self._gone() if self._gone is not None else None
+                if why is not None:  # deleted or replaced: retrying would write into a store that is not the run's
+                    self._store_gone(why)
+                    return
                 if self._retryable(err):
                     self._went_offline(err)
                     self._pause()
@@ -118,6 +124,15 @@ class Outbox:
                 self._cond.wait(timeout=left)
         if self._closing:
             time.sleep(1.0)
+
+    def _store_gone(self, why: str) -> None:
+        self.gone_reason = why
+        log.warning("tracking: %s; training goes on and the run folder keeps every write%s: `clipexp replay %s` recreates the "
+                    "run in a store once there is one", why, f" ({self.spool} at the end)" if self.spool else "",
+                    self.spool.parent if self.spool else "<run dir>")
+        with self._cond:  # wait for close, which spools the whole queue
+            while not self._closing:
+                self._cond.wait()
 
     def _went_offline(self, err: BaseException) -> None:
         if self.offline_since is None:

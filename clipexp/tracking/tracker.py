@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
 
+from clipexp.errors import UserError
 from clipexp.paths import PROJECT_ROOT
 from clipexp.tracking.outbox import Outbox, read_spool
 
@@ -188,6 +189,7 @@ class Tracker(NullTracker):
 
     enabled = True
     PENDING_FILE = "mlflow_pending.jsonl"
+    JOURNAL_FILE = "mlflow_journal.jsonl"  # every write of the run, in order: what replay recreates a vanished run from
 
     def __init__(self, uri: Optional[str] = None, experiment: str = "clipexp", run_dir: Optional[Path] = None,
                  retry_s: float = 30.0, end_timeout_s: float = 60.0):
@@ -205,6 +207,8 @@ class Tracker(NullTracker):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.retry_s, self.end_timeout_s = retry_s, end_timeout_s
         self.outbox: Optional[Outbox] = None
+        self._store_file = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+        self._store_id = _file_id(self._store_file)
 
     def start(self, run_name: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None,
               run_id: Optional[str] = None, parent_run_id: Optional[str] = None, system_metrics: bool = False) -> "Tracker":
@@ -218,13 +222,14 @@ class Tracker(NullTracker):
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = _retrying(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = run.info.run_id
+            self._journal("start", {"run_name": run.info.run_name, "tags": all_tags})
         spool = None
         if self.run_dir is not None:  # what replay_pending needs to find this run again
             spool = self.run_dir / self.PENDING_FILE
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / RUN_FILE).write_text(json.dumps({"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id}))
         self.outbox = Outbox(self._deliver, store_error_is_retryable, self.uri, retry_s=self.retry_s, spool=spool,
-                             quiet_loggers=QUIET_WHEN_OFFLINE)
+                             quiet_loggers=QUIET_WHEN_OFFLINE, gone=self.store_gone)
         if system_metrics:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -236,30 +241,52 @@ class Tracker(NullTracker):
                 log.warning("system metrics are unavailable: %s", err)
         return self
 
+    def store_gone(self) -> Optional[str]:
+        """Why the run's store is gone (its SQLite file deleted or replaced since the run started), else None."""
+        if self._store_file is None or self._store_id is None:
+            return None
+        now = _file_id(self._store_file)
+        if now == self._store_id:
+            return None
+        what = "was deleted" if now is None else "was replaced by another file"
+        return f"the store {self.uri} {what} while the run was writing to it"
+
+    def _journal(self, kind: str, payload: Any) -> None:
+        if self.run_dir is not None:
+            try:
+                with open(self.run_dir / self.JOURNAL_FILE, "a") as fh:
+                    fh.write(json.dumps({"kind": kind, "payload": payload}, default=str) + "\n")
+            except OSError as err:  # the run folder keeps metrics.json; the journal is what a vanished store needs
+                log.debug("tracking: journal not written: %s", err)
+
+    def _put(self, kind: str, payload: Any) -> None:
+        self._journal(kind, payload)
+        self.outbox.put(kind, payload)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = {k: str(v)[:6000] for k, v in params.items()}
         keys = list(items)
         for i in range(0, len(keys), 100):
-            self.outbox.put("params", {k: items[k] for k in keys[i:i + 100]})
+            self._put("params", {k: items[k] for k in keys[i:i + 100]})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.outbox.put("tags", {k: str(v)[:5000] for k, v in tags.items()})
+        self._put("tags", {k: str(v)[:5000] for k, v in tags.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import time
 
         values = {k: float(v) for k, v in metrics.items() if v is not None}
         if values:
-            self.outbox.put("metrics", {"values": values, "step": int(step), "timestamp": int(time.time() * 1000)})
+            self._put("metrics", {"values": values, "step": int(step), "timestamp": int(time.time() * 1000)})
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.outbox.put("artifact", {"path": str(path), "artifact_path": artifact_path})
+        self._put("artifact", {"path": str(path), "artifact_path": artifact_path})
 
     def log_artifacts(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.outbox.put("artifacts", {"path": str(path), "artifact_path": artifact_path})
+        self._put("artifacts", {"path": str(path), "artifact_path": artifact_path})
 
     def log_dict(self, data: Any, name: str) -> None:
-        self.outbox.put("text", {"text": json.dumps(data, indent=2, default=str), "name": name})
+        self._put("text", {"text": json.dumps(data, indent=2, default=str), "name": name})
 
     def log_inputs(self, datasets: Sequence[Mapping[str, Any]]) -> None:
         """The run's datasets as MLflow run inputs (the UI's Dataset column): each ``{"name", "table"
@@ -277,7 +304,7 @@ class Tracker(NullTracker):
             entities.append({"name": e.name, "digest": e.digest, "source_type": e.source_type, "source": e.source,
                              "schema": e.schema, "profile": e.profile, "context": d["context"]})
         if entities:
-            self.outbox.put("inputs", {"datasets": entities})
+            self._put("inputs", {"datasets": entities})
 
     def _deliver(self, kind: str, payloads: list) -> None:
         """One store call for ``payloads`` (several only for metrics, merged into one batch)."""
@@ -316,10 +343,13 @@ class Tracker(NullTracker):
             stopper = threading.Thread(target=self._system_metrics.finish, name="clipexp-system-metrics-stop", daemon=True)
             stopper.start()
             stopper.join(timeout=self.end_timeout_s)
-        self.outbox.put("end", {"status": status})
+        self._put("end", {"status": status})
         outbox, self.outbox = self.outbox, None
-        left = outbox.close(self.end_timeout_s)
-        if left:
+        left = outbox.close(0.0 if outbox.gone_reason else self.end_timeout_s)
+        if left and outbox.gone_reason:
+            log.warning("tracking: %d writes of run %s are in %s (the store is gone); `clipexp replay %s` recreates the run",
+                        len(left), self.run_id, outbox.spool, outbox.spool.parent if outbox.spool else "<run dir>")
+        elif left:
             n_metrics = sum(len(p.get("values", ())) for k, p in left if k == "metrics")
             where = f"in {outbox.spool}" if outbox.spool else "lost (no run folder)"
             log.warning("tracking: the store %s is still unreachable after waiting %g s; %d writes (%d metric values and "
@@ -344,7 +374,8 @@ class Tracker(NullTracker):
 
 RUN_FILE = "mlflow_run.json"  # in the run folder: the store, experiment and run id of its MLflow run
 # the libraries' own log lines for a failing store call, dropped while the outbox's one warning stands for them
-QUIET_WHEN_OFFLINE = ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "urllib3.connectionpool")
+QUIET_WHEN_OFFLINE = ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "urllib3.connectionpool",
+                      "mlflow.system_metrics.system_metrics_monitor", "mlflow.utils.async_logging.async_logging_queue")
 
 
 def store_error_is_retryable(err: BaseException) -> bool:
@@ -377,16 +408,65 @@ def make_tracker(enabled: bool, uri: Optional[str], experiment: str, run_dir: Op
     return Tracker(uri, experiment, run_dir, retry_s, end_timeout_s) if enabled else NullTracker()
 
 
-def replay_pending(run_dir: Path, uri: Optional[str] = None) -> int:
-    """Send the writes a run could not deliver (``<run_dir>/mlflow_pending.jsonl``) to its store now;
-    returns how many. The run id and the store come from the run folder's files unless ``uri`` is given."""
+def replay_pending(run_dir: Path, uri: Optional[str] = None) -> Dict[str, Any]:
+    """Send the writes a run could not deliver (``<run_dir>/mlflow_pending.jsonl``) to its store now.
+
+    The run id and the store come from the run folder's files unless ``uri`` is given. When the store no longer
+    has the run (its SQLite file was deleted or replaced, or ``uri`` names another store), the run is recreated
+    there from the run folder's journal (``mlflow_journal.jsonl``: its name, tags, params, metrics, artifacts and
+    final status, in order) and ``mlflow_run.json`` then names the new run. Returns ``{"sent", "run_id",
+    "recreated_from"}`` (the old run id when it was recreated)."""
+    from mlflow.exceptions import MlflowException
+
     run_dir = Path(run_dir)
-    spool = run_dir / Tracker.PENDING_FILE
+    spool, journal = run_dir / Tracker.PENDING_FILE, run_dir / Tracker.JOURNAL_FILE
     meta = json.loads((run_dir / RUN_FILE).read_text())
     tracker = Tracker(uri or meta["uri"], meta["experiment"])
-    tracker.run_id = meta["run_id"]
-    writes = read_spool(spool)
-    for kind, payload in writes:  # one call each, in order: the store is there now
-        tracker._deliver(kind, [payload])
-    spool.rename(spool.with_name(spool.name + ".sent"))
-    return len(writes)
+    try:
+        tracker.client.get_run(meta["run_id"])
+        missing = False
+    except MlflowException as err:
+        if err.get_http_status_code() != 404 and "not found" not in str(err):
+            raise
+        missing = True
+    if not missing:
+        tracker.run_id = meta["run_id"]
+        writes = read_spool(spool) if spool.is_file() else []
+        for kind, payload in writes:  # one call each, in order: the store is there now
+            tracker._deliver(kind, [payload])
+        if spool.is_file():
+            spool.rename(spool.with_name(spool.name + ".sent"))
+        return {"sent": len(writes), "run_id": tracker.run_id, "recreated_from": None}
+    if not journal.is_file():
+        raise ReplayError(f"the store {tracker.uri} has no run {meta['run_id']} and {run_dir} has no {Tracker.JOURNAL_FILE} to "
+                          f"recreate it from (a run of an older clipexp): its metrics.json and checkpoints are complete")
+    writes = read_spool(journal)
+    start = next((p for k, p in writes if k == "start"), {"run_name": run_dir.name, "tags": {}})
+    tags = {k: v for k, v in start["tags"].items() if k != "mlflow.parentRunId"}  # (the parent is gone with the store)
+    run = _retrying(tracker.client.create_run, tracker.experiment_id, run_name=start["run_name"], tags=tags)
+    tracker.run_id = run.info.run_id
+    sent = 0
+    for kind, payload in writes:
+        if kind != "start":
+            tracker._deliver(kind, [payload])
+            sent += 1
+    (run_dir / RUN_FILE).write_text(json.dumps({"uri": tracker.uri, "experiment": tracker.experiment, "run_id": tracker.run_id,
+                                                "recreated_from": meta["run_id"]}))
+    with open(journal, "a") as fh:  # later replays recreate the same run's writes from the same journal
+        fh.write(json.dumps({"kind": "recreated", "payload": {"old": meta["run_id"], "new": tracker.run_id}}) + "\n")
+    if spool.is_file():
+        spool.rename(spool.with_name(spool.name + ".sent"))
+    return {"sent": sent, "run_id": tracker.run_id, "recreated_from": meta["run_id"]}
+
+
+class ReplayError(UserError):
+    """A run that cannot be replayed: one line saying why and what is kept."""
+
+
+def _file_id(path: Optional[Path]) -> Optional[tuple]:
+    """(device, inode) of a file, or None when there is none: the same path with another id is another file."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)

@@ -69,7 +69,7 @@ def test_offline_hub_error_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("clipexp.models.clip.ModelLoadError: cannot load 'openai/clip-vit-base-patch32': the Hugging Face hub is "
+    assert last.startswith("clipexp.errors.ModelLoadError: cannot load 'openai/clip-vit-base-patch32': the Hugging Face hub is "
                            "unreachable (or HF_HUB_OFFLINE=1, or the id is unknown) and it is not in the local cache; run offline with "
                            "model=tiny, model=tiny_siglip or model=tiny_open_clip")
 

@@ -46,7 +46,7 @@ def _post(base: str, path: str, body):
 
 def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metrics(tmp_path):
     from clipexp.config.compose import compose as compose_and_validate
-    from clipexp.config.checks import eval_metric_names
+    from clipexp.config.validate import eval_metric_names
 
     args = ["experiment=smoke", "trainer.max_steps=3", "trainer.warmup_steps=10", "trainer.eval_steps=50"]  # system metrics: the default
     res = subprocess.run([sys.executable, "-m", "clipexp.cli.main", "train", *args], cwd=tmp_path, capture_output=True, text=True,
