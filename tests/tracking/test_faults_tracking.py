@@ -221,3 +221,45 @@ def test_mlflow_server_that_stops_mid_run_spools_the_rest_and_replays_it(tmp_pat
         assert "metrics.json" in {a.path for a in client.list_artifacts(rid)}
     finally:
         _stop_server(server)
+
+
+@pytest.mark.slow  # a 40-step CLI run and its replay: ~60 s on 1 core
+def test_a_store_deleted_mid_run_is_one_warning_and_replay_recreates_the_run(tmp_path):
+    """mlflow.db deleted while the run writes to it: the run finishes (exit 0) with one warning naming what happened
+    and no traceback, and `clipexp replay` recreates the run in a new store from the run folder's journal: the same
+    name, params, metric history, tags, artifacts and FINISHED status (it crashed with 'Run not found' and left an
+    empty store)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "clipexp", "experiment=smoke", "trainer.max_steps=40", "trainer.save_steps=5",
+                             "trainer.eval_steps=20", "trainer.logging_steps=1", f"tracking.uri=sqlite:///{db}", "tracking.end_timeout_s=30",
+                             "tracking.retry_s=2", f"hydra.run.dir={run}"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoints" / "step_0000005.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() is not None else "slow"
+        time.sleep(0.2)
+    first = MlflowClient(f"sqlite:///{db}").search_runs(["1"])[0]
+    db.unlink()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "attempt to write a readonly database" not in err, err[-3000:]
+    gone = [line for line in err.splitlines() if "was deleted while the run was writing to it" in line]
+    assert len(gone) == 1 and "clipexp replay" in gone[0], err[-3000:]
+
+    res = subprocess.run([sys.executable, "-m", "clipexp", "replay", str(run)], cwd=tmp_path, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"recreated it as run" in res.stdout and first.info.run_id in res.stdout, res.stdout
+    client = MlflowClient(f"sqlite:///{db}")
+    [again] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert again.info.status == "FINISHED" and again.info.run_name == first.info.run_name
+    assert again.data.params == {**first.data.params, **again.data.params} and len(again.data.params) >= len(first.data.params)
+    assert again.data.tags["loss"] == "contrastive" and again.data.tags["model"] == "tiny"
+    assert _history_steps(client, again.info.run_id, "train/loss") == list(range(1, 41))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert again.data.metrics["test/t2i_R1"] == pytest.approx(metrics["test"]["test/t2i_R1"], rel=1e-6)
+    assert {a.path for a in client.list_artifacts(again.info.run_id)} >= {"config.yaml", "metrics.json", "model", "plots"}
+    assert json.loads((run / "mlflow_run.json").read_text())["run_id"] == again.info.run_id

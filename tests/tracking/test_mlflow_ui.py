@@ -118,4 +118,7 @@ def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metri
     # trainer.monitor is checked against eval_metric_names: exactly what an evaluation logged
     logged_val = {m for m in metrics if m.startswith("val/")}
     assert logged_val == set(eval_metric_names(compose_and_validate(["experiment=smoke"])))
-    assert (params["trainer.warmup_steps"], params["trainer.eval_steps"]) == ("0", "3")
+    # what was asked stays the config; what ran (scaled to the 3-step run) is a derived param
+    assert (params["trainer.warmup_steps"], params["trainer.eval_steps"]) == ("10", "50")
+    assert (params["derived.warmup_steps"], params["derived.eval_steps"], params["derived.total_steps"]) == ("0", "3", "3")
+    assert float(params["derived.epochs"]) == round(3 / int(params["derived.steps_per_epoch"]), 4)  # max_steps wins over num_epochs
