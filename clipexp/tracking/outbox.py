@@ -93,11 +93,17 @@ class Outbox:
     def _run(self) -> None:
         while (head := self._head()) is not None:
             kind, payloads = head
+            # a store deleted or replaced under the run may still take writes (SQLite into the unlinked file, or a new
+            # empty store): nothing more goes there; close spools everything, and replay recreates the run
+            why = self._gone() if self._gone is not None else None
+            if why is not None:
+                self._store_gone(why)
+                return
             try:
                 self._deliver(kind, payloads)
             except Exception as err:  # noqa: BLE001 - the store's failures must never reach training
                 why = self._gone() if self._gone is not None else None
-                if why is not None:  # deleted or replaced: retrying would write into a store that is not the run's
+                if why is not None:
                     self._store_gone(why)
                     return
                 if self._retryable(err):
