@@ -447,7 +447,7 @@ def replay_pending(run_dir: Path, uri: Optional[str] = None) -> Dict[str, Any]:
     tracker.run_id = run.info.run_id
     sent = 0
     for kind, payload in writes:
-        if kind != "start":
+        if kind not in ("start", "recreated"):  # (the journal's own records)
             tracker._deliver(kind, [payload])
             sent += 1
     (run_dir / RUN_FILE).write_text(json.dumps({"uri": tracker.uri, "experiment": tracker.experiment, "run_id": tracker.run_id,
