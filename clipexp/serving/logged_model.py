@@ -9,7 +9,8 @@ version of ``NAME``, tagged with the monitored metric and its best value.
 
 Input: a DataFrame with ``image`` (base64-encoded image bytes: a served model opens no path it is sent, unless
 ``tracking.serve_file_root`` named a folder; see :mod:`clipexp.serving.policy`) and/or ``text``; ``params``
-``{"task": "zero_shot" | "embed" | "similarity"}`` (default zero_shot). Output: one row per input row,
+``{"task": "zero_shot" | "classify" | "embed" | "similarity"}`` (default zero_shot; classify also takes ``"head"`` and
+``"alpha"``: the run's fitted heads, ``heads.pt``). Output: one row per input row,
 with an ``error`` column naming any image that could not be read (the other rows are still answered);
 see :func:`clipexp.serving.inference.answer_frame`. An unknown task or a missing column is one line (HTTP 400).
 
@@ -43,7 +44,8 @@ def _signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "text", required=False)])
-    return ModelSignature(inputs=inputs, params=ParamSchema([ParamSpec("task", "string", "zero_shot")]))
+    params = [ParamSpec("task", "string", "zero_shot"), ParamSpec("head", "string", None), ParamSpec("alpha", "double", None)]
+    return ModelSignature(inputs=inputs, params=ParamSchema(params))  # head, alpha: task classify (None: the run's first head, its alpha)
 
 
 def _input_example(resolution: int, texts: Sequence[str]):
