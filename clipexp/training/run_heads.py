@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
+import torch
+
 from clipexp.evaluate import class_text_embeddings
 from clipexp.heads import HeadError, HeadsReport, evaluate_heads
 
@@ -64,10 +66,16 @@ class RunHeads:
 
         return 1.0 / zero_shot_temperature(self.evaluator.loss_fn, self.evaluator.model)
 
+    def _embed(self, dataset: Any) -> Optional[Dict[str, Any]]:
+        """The image embeddings of ``dataset`` (rank 0; None on the others). The global RNG is left as it was (a loader
+        draws its base seed from it), so heads at each evaluation do not change the training that follows."""
+        with torch.random.fork_rng(devices=[]):
+            return self.evaluator.embed(dataset, images_only=True)
+
     def _fit(self, val: Optional[Dict[str, Any]], test: Optional[Dict[str, Any]], shots: bool) -> Optional[HeadsReport]:
         """Every rank embeds the training split (its share); rank 0 fits and measures. ``val``/``test``: the
         evaluator's embeddings of those splits (None on the other ranks)."""
-        train = self.evaluator.embed(self.train, images_only=True)
+        train = self._embed(self.train)
         if train is None or val is None:  # not rank 0
             return None
         e = self.evaluator
@@ -86,7 +94,7 @@ class RunHeads:
         test or val) with them, whose embeddings are reused; the k-shot protocol runs here only."""
         if not self.enabled or result is None:
             return None
-        val = result["embeddings"] if split == "val" else self.evaluator.embed(self.val, images_only=True)
+        val = result["embeddings"] if split == "val" else self._embed(self.val)
         return self._fit(val, result["embeddings"] if split == "test" else None, shots=True)
 
     def val_metrics(self, val: Optional[Dict[str, Any]]) -> Dict[str, float]:
