@@ -208,7 +208,7 @@ def exemplar_heads(inf, folder: str, head: Optional[str], alpha: Optional[float]
     paths, labels = read_images(folder, "image_path", "label", flag="--exemplars")
     if labels is None or None in labels:
         loose = len(paths) if labels is None else labels.count(None)
-        raise PredictError(f"--exemplars {folder}: {loose} images lie directly in the folder; put each class's images in a "
+        raise PredictError(f"--exemplars {folder}: {loose} image(s) directly in the folder; put each class's images in a "
                            "sub-folder named after the class (e.g. scratch/001.png)")
     names = sorted(set(labels))
     if len(names) < 2:

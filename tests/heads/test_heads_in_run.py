@@ -167,13 +167,30 @@ def test_no_heads_is_silent_and_costs_nothing(compose_cfg, caplog):
     assert heads.at_end({"embeddings": None}, "test") is None
 
 
-@pytest.mark.slow  # a second training run (20-40 s on the busy 2-core box)
-def test_heads_change_none_of_the_runs_other_metrics(run, tmp_path):
-    """The same run without heads: every metric the run logged without them is the same, to the bit (the heads at each
-    evaluation leave the RNG as it was), and nothing of the heads is written."""
-    plain = _train(tmp_path, "eval.heads=[]")
+@pytest.mark.slow  # two more training runs (40-80 s on the busy 2-core box)
+def test_heads_change_none_of_the_runs_other_metrics(tmp_path):
+    """The same run with heads at every evaluation and without heads: every metric the run logs without them is the same,
+    to the bit, and nothing of the heads is written without them. LoRA with dropout makes training draw from the global
+    RNG, which the heads' embedding (a loader draws its seed from it) must leave as it was."""
+    dropout = ["model.lora.r=4", "model.lora.dropout=0.2"]
+    heads = _train(tmp_path / "heads", *dropout, *HEADS_ON, "eval.at_each_eval=true")
+    plain = _train(tmp_path / "plain", *dropout, "eval.heads=[]")
     for table in ("baseline", "final", "best", "test"):
-        assert plain["results"][table] == {k: v for k, v in run["results"][table].items() if k in plain["results"][table]}, table
+        assert plain["results"][table] == {k: v for k, v in heads["results"][table].items() if k in plain["results"][table]}, table
         assert not any(k.startswith(tuple(f"val/{h}/" for h in HEADS)) for k in plain["results"][table])
-    assert "heads" not in plain["results"]
+    assert "heads" not in plain["results"] and "val/linear/balanced_acc" in heads["results"]["final"]
     assert not (plain["out"] / "model" / "heads.pt").exists() and not list((plain["out"] / "plots").glob("heads_*"))
+
+
+def test_the_printed_heads_table_shows_the_logged_test_figures(run):
+    from clipexp.tracking.outputs import heads_table
+
+    heads = run["results"]["heads"]
+    lines = heads_table(heads, 0.1).splitlines()
+    assert lines[0].split() == ["head", "(test)", "balanced_acc", "acc", "ece_raw", "ece", "coverage", "set_size"]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[1:-1]}
+    assert list(rows) == list(HEADS)
+    for head, values in rows.items():
+        keys = ("balanced_acc", "acc", "ece_uncalibrated", "ece", "coverage", "set_size")
+        assert values == [round(heads[f"test/{head}/{k}"], 4) for k in keys], head
+    assert lines[-1].endswith("at alpha 0.1") and heads_table({}, 0.1) is None  # no test figures: no table
