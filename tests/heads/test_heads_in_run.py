@@ -25,6 +25,7 @@ def _train(tmp: Path, *overrides: str) -> dict:
     from clipexp.config.compose import compose as compose_and_validate
     from clipexp.training.trainer import Trainer
 
+    tmp.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = compose_and_validate(["experiment=smoke", f"tracking.uri={uri}", *overrides])
     trainer = Trainer(cfg, tmp / "run")
