@@ -26,7 +26,7 @@ SHOTS, DRAWS = [1, 4], 2
 @pytest.fixture(scope="module")
 def run():
     """Embeddings of 120 real textile images by a tiny CLIP at 64 px, split per class; class prompt embeddings."""
-    from clipexp.config.validate import CLIPFinetuningConfig
+    from clipexp.config.notes import CLIPFinetuningConfig
     from clipexp.data.textile import textile_root
     from clipexp.models.loading import CLIPFinetuningController
 
