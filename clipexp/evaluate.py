@@ -129,8 +129,9 @@ class Evaluator:
         self.class_names, self.templates = list(class_names or []), list(templates)
 
     @torch.no_grad()
-    def embed(self, dataset) -> Optional[Dict[str, Any]]:
-        """Embeddings of every pair in ``dataset`` plus its groups and labels, and the mean loss.
+    def embed(self, dataset, images_only: bool = False) -> Optional[Dict[str, Any]]:
+        """Embeddings of every pair in ``dataset`` plus its groups and labels, and the mean loss
+        (``images_only``: the image embeddings, groups and labels alone; no text tower, no loss).
 
         Several processes: the batches are dealt round-robin to the ranks and rank 0 gathers them back
         in order, so every batch, its loss and the result are those of one process; the other ranks
@@ -146,12 +147,18 @@ class Evaluator:
             b = self.prepare(batch)
             with self.autocast():
                 img = image_features(self.model, b["pixel_values"])
+                if images_only:
+                    parts.append((index, (img.float().cpu(), batch["group_ids"], batch["labels"])))
+                    continue
                 txt = text_features(self.model, b["input_ids"], b["attention_mask"], text_index=b["text_index"])
             out = self.loss_fn(img, txt, group_ids=b["group_ids"], labels=b["labels"], logit_scale=self.model.logit_scale)
             parts.append((index, (img.float().cpu(), txt.float().cpu(), batch["group_ids"], batch["labels"], float(out["loss"]), img.shape[0])))
         ordered = self.dist.gather_in_order(parts)
         if ordered is None:
             return None
+        if images_only:
+            imgs, groups, labels = zip(*ordered)
+            return {"image": torch.cat(imgs), "groups": torch.cat(groups), "labels": torch.cat(labels)}
         imgs, txts, groups, labels, losses, weights = zip(*ordered)
         return {
             "image": torch.cat(imgs), "text": torch.cat(txts), "groups": torch.cat(groups), "labels": torch.cat(labels),

@@ -16,7 +16,7 @@ from clipexp.paths import CONF_DIR
 
 COMMANDS: Dict[str, str] = {
     "train": "fine-tune and evaluate one config or a -m sweep (Hydra overrides); `python -m clipexp` is the same",
-    "predict": "zero-shot classify, embed or search images with a trained model",
+    "predict": "classify (the run's heads: calibrated, with prediction sets), zero-shot classify, embed or search images",
     "export": "write a finished run's outputs (model, plots, metrics) from its checkpoints",
     "shards": "write a dataset as WebDataset tar shards with a manifest (data=webdataset reads them)",
     "replay": "send a run's held MLflow writes to its store (after the store was down)",
@@ -29,7 +29,7 @@ EXAMPLES = [
     ("clipexp train experiment=quickstart", "the offline quick start: a tiny CLIP on the bundled textile images"),
     ("clipexp train data=csv data.path=pairs.csv trainer.max_steps=300", "your own image_path,caption[,label] CSV"),
     ("clipexp train -m loss=contrastive,siglip seed=1,2,3", "a sweep: one MLflow parent run, a child per job"),
-    ("clipexp predict zero_shot --model outputs/<date>/<time> --images imgs/ --out preds.csv", ""),
+    ("clipexp predict classify --model outputs/<date>/<time> --images imgs/ --head linear --out preds.csv", ""),
     ("clipexp ui outputs/<date>/<time>", "the MLflow UI on that run's store"),
 ]
 

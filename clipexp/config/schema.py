@@ -202,12 +202,12 @@ class EvalConfig:
     """Heads on the image embeddings (docs/heads.md): fitted on the training split, calibrated on val, measured
     on val and test at the end of a run."""
 
-    heads: List[str] = field(default_factory=lambda: list(HEADS))  # zero_shot | prototype | knn | linear | tip
+    heads: List[str] = field(default_factory=lambda: list(HEADS))  # zero_shot | prototype | knn | linear | tip; [] = none
     shots: List[int] = field(default_factory=list)  # k-shot protocol: examples per class, e.g. [1,2,4,8,16]; [] = off
     draws: int = 5  # seeded k-shot draws per number of shots (mean +- std)
     calibrate: bool = True  # temperature scaling per head, fitted on val by NLL
     conformal: ConformalConfig = field(default_factory=ConformalConfig)
-    at_each_eval: bool = False  # also fit the heads and log val/<head>/... at every evaluation
+    at_each_eval: bool = False  # also at every evaluation: val/<head>/... (embeds the training split each time)
 
 
 @dataclass

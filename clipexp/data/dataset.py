@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset, get_worker_info
@@ -308,6 +308,16 @@ class DataSplits:
     num_pairs: int
     skipped: List[str] = field(default_factory=list)
     cache: Optional[ImageCache] = None
+    eval_transforms: Optional[Tuple[Any, Any]] = None  # (image, text) transforms of val and test
+
+    def train_for_evaluation(self) -> Optional[CLIPDataset]:
+        """The training pairs with the evaluation transforms (no augmentation, each pair's first caption; the same
+        image cache): what the heads are fitted on. None for a streamed training split (``data=webdataset``)."""
+        if self.eval_transforms is None or not isinstance(self.train, CLIPDataset):
+            return None
+        t = self.train
+        return CLIPDataset(t.pairs, None, None, *self.eval_transforms, resolution=t.resolution, cache=t.cache, seed=t.seed,
+                           class_names=t.class_names)
 
     def summary(self) -> str:
         sizes = ", ".join(f"{name} {len(ds) if ds is not None else 0}" for name, ds in
@@ -387,6 +397,7 @@ def build_datasets(
     val = CLIPDataset(val_p, processor, None, eval_tf, eval_tt, **kw) if val_p else None
     test = CLIPDataset(test_p, processor, None, eval_tf, eval_tt, **kw) if test_p else None
     warn_long_captions(train_tt, [t for ds in (train, val, test) if ds is not None for t in ds.texts])
-    splits = DataSplits(train, val, test, class_names, len(pairs), [str(p) for p in problems], cache if cache.mode != "none" else None)
+    splits = DataSplits(train, val, test, class_names, len(pairs), [str(p) for p in problems], cache if cache.mode != "none" else None,
+                        (eval_tf, eval_tt))
     log.info("data: %s", splits.summary())
     return splits

@@ -12,12 +12,12 @@ numpy, scikit-learn, scipy; no Hydra, no MLflow). See docs/heads.md.
 from clipexp.heads.calibration import expected_calibration_error, fit_temperature
 from clipexp.heads.conformal import SplitConformal
 from clipexp.heads.evaluation import DEFAULT_HEADS, HeadsReport, check_options, evaluate_heads
-from clipexp.heads.fitted import HeadSet, Prediction, fit_heads, load_heads, save_heads
+from clipexp.heads.fitted import HEADS_FILE, HeadSet, Prediction, fit_heads, load_heads, save_heads
 from clipexp.heads.heads import Head, HeadError, build_head, head_from_state
 from clipexp.heads.shots import kshot_indices, split_exemplars
 
 __all__ = [
-    "DEFAULT_HEADS", "Head", "HeadError", "HeadSet", "HeadsReport", "Prediction", "SplitConformal", "build_head",
+    "DEFAULT_HEADS", "HEADS_FILE", "Head", "HeadError", "HeadSet", "HeadsReport", "Prediction", "SplitConformal", "build_head",
     "check_options", "evaluate_heads", "expected_calibration_error", "fit_heads", "fit_temperature", "head_from_state",
     "kshot_indices", "load_heads", "save_heads", "split_exemplars",
 ]

@@ -68,10 +68,9 @@ class HeadsReport:
 
 
 def check_options(heads: Sequence[str], shots: Sequence[int], draws: int, alpha: float, score: str) -> None:
-    """The ``eval`` options' ranges: raises :class:`~clipexp.errors.ConfigError` naming the key."""
-    bad = [h for h in heads if h not in HEADS]
-    if bad or not heads:
-        raise ConfigError("eval.heads", list(heads), "a non-empty list of " + ", ".join(HEADS))
+    """The ``eval`` options' ranges: raises :class:`~clipexp.errors.ConfigError` naming the key. ``heads=[]``: no heads."""
+    if any(h not in HEADS for h in heads):
+        raise ConfigError("eval.heads", list(heads), "a list of " + ", ".join(HEADS) + " ([] for none)")
     check_shots(shots, draws)
     check_alpha(alpha)
     if score not in CONFORMAL_SCORES:

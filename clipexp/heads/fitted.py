@@ -26,6 +26,7 @@ from clipexp.heads.heads import Head, HeadError, build_head, class_labels, embed
 from clipexp.files import atomic_write, checksum_problem, write_checksum
 
 FORMAT = "clipexp.heads/1"
+HEADS_FILE = "heads.pt"  # a run's fitted heads, in its model/ folder (and the MLflow model's)
 Split = Tuple[Any, Any]  # (embeddings [N, D], integer labels [N]; a label < 0 = unlabelled, left out)
 
 

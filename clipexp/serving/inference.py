@@ -11,7 +11,9 @@ tools (:mod:`clipexp.serving.predict`) and the benchmark:
 * texts: tokenised to ``max_sequence_length`` with padding, as the trainer's prompt encoder;
 * zero-shot: each class's embedding is the normalised mean over the run's prompt templates
   (:func:`~clipexp.evaluate.class_text_embeddings`), the predicted class the most similar one;
-  probabilities are ``softmax(cos / T)`` with the run's final temperature ``T``.
+  probabilities are ``softmax(cos / T)`` with the run's final temperature ``T``;
+* classify: the run's fitted heads (``heads.pt`` beside the weights, :class:`clipexp.heads.HeadSet`): a head's
+  calibrated probabilities and its conformal prediction set at ``alpha`` (docs/heads.md).
 
 What the run knew (classes, prompt templates, resolution, normalisation, temperature) is written next to
 the ``save_pretrained`` weights as ``clipexp_inference.json`` (:class:`InferenceSpec`), so loading needs
@@ -45,10 +47,11 @@ from clipexp.data.text import DEFAULT_TEMPLATES
 from clipexp.data.transforms import ImageTransform
 from clipexp.errors import UserError
 from clipexp.evaluate import class_text_embeddings
+from clipexp.heads.fitted import HEADS_FILE
 from clipexp.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_features, text_features
 
 SPEC_FILE = "clipexp_inference.json"
-TASKS = ("zero_shot", "embed", "similarity")
+TASKS = ("zero_shot", "classify", "embed", "similarity")
 #: CLIP clamps the logit scale at 100 (temperature 0.01)
 MAX_LOGIT_SCALE = 100.0
 
@@ -164,6 +167,8 @@ class CLIPInference:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model, self.spec)
         return self._fingerprint
+        self.heads_path: Optional[Path] = None  # the run's heads.pt (from_pretrained sets it)
+        self._heads: Any = None
 
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, Path], device: str = "auto", precision: str = "auto",
@@ -194,7 +199,9 @@ class CLIPInference:
             spec.class_names = list(class_names)
         if prompt_templates:
             spec.prompt_templates = list(prompt_templates)
-        return cls(model, processor.tokenizer, spec, device, precision, batch_size, **options)
+        inference = cls(model, processor.tokenizer, spec, device, precision, batch_size, **options)
+        inference.heads_path = Path(model_dir) / HEADS_FILE
+        return inference
 
     # ------------------------------------------------------------------------------------- images
     def load_image(self, source: Any) -> torch.Tensor:
@@ -258,6 +265,32 @@ class CLIPInference:
         sims = image_embeds.float() @ self.class_embeddings().float().T
         return torch.softmax(sims / self.spec.temperature, dim=1), sims.argmax(dim=1)
 
+    # ------------------------------------------------------------------------------------- heads
+    @property
+    def heads(self) -> Any:
+        """The fitted heads (:class:`clipexp.heads.HeadSet`): the run's ``heads.pt``, read once, or a set given
+        here (an exemplar bank: ``inference.heads = fit_heads(...)``)."""
+        if self._heads is None:
+            from clipexp.heads import load_heads
+
+            if self.heads_path is None or not self.heads_path.is_file():
+                raise InferenceError(f"this model has no fitted heads ({HEADS_FILE}: its run had eval.heads=[], no labels or no "
+                                     "validation split): use task zero_shot, or fit heads on labelled images (CLI: --exemplars)")
+            self._heads = _as_inference_error(load_heads, self.heads_path)
+        return self._heads
+
+    @heads.setter
+    def heads(self, value: Any) -> None:
+        self._heads = value
+
+    def classify(self, image_embeds: torch.Tensor, head: Optional[str] = None, alpha: Any = None):
+        """A head's :class:`~clipexp.heads.Prediction` (calibrated probabilities, arg-max, prediction sets at ``alpha``,
+        default the run's ``eval.conformal.alpha``) of L2-normalised image embeddings; ``head`` default: the first."""
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0):
+            raise InferenceError(f"alpha={alpha!r}: give a miscoverage rate in (0, 1), e.g. 0.1 for sets that hold the class "
+                                 "90% of the time")
+        return _as_inference_error(self.heads.predict, image_embeds, head or None, None if alpha is None else float(alpha))
+
     def embed_sources(self, sources: Sequence[Any], progress: Any = None) -> Tuple[torch.Tensor, List[Optional[str]]]:
         """Embeddings of images given as paths/bytes/base64, ``[N, D]`` with NaN rows where an image failed,
         and each row's error (None when fine). Loads and encodes one batch at a time (``progress``: a tqdm bar)."""
@@ -272,6 +305,16 @@ class CLIPInference:
             if progress is not None:
                 progress.update(len(images))
         return embeds, errors
+
+
+def _as_inference_error(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` with a :class:`clipexp.heads.HeadError` (an unknown head, a changed heads file) as an :class:`InferenceError`."""
+    from clipexp.heads import HeadError
+
+    try:
+        return fn(*args)
+    except HeadError as err:
+        raise InferenceError(str(err)) from None
 
 
 def top_k(query_embeds: torch.Tensor, gallery: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -290,10 +333,13 @@ def _column(frame: Any, name: str) -> Optional[List[Any]]:
     return [None if v is None or (isinstance(v, (float, type(pd.NA))) and pd.isna(v)) else v for v in frame[name].tolist()]
 
 
-def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot"):
+def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot", head: Optional[str] = None, alpha: Any = None):
     """A request DataFrame (``image``: what ``inference.read_source`` reads; ``text``) -> one answer row per input row.
 
     * ``zero_shot`` (needs ``image``): ``predicted_class``, ``probability``, ``probabilities`` ({class: p});
+    * ``classify`` (needs ``image``; ``head``, ``alpha``): with the run's fitted heads, ``prediction``, ``probability``
+      (calibrated), ``set`` (the prediction set at ``alpha``: class names, most probable first; None when the head has
+      no calibration) and ``probabilities``;
     * ``embed`` (``image`` and/or ``text``): ``image_embedding`` / ``text_embedding`` (L2-normalised lists);
     * ``similarity`` (both): ``scores``, the cosine of the row's image with every non-empty ``text`` of
       the request in order, and ``best_text``.
@@ -305,11 +351,14 @@ def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot"):
     if task not in TASKS:
         raise InferenceError(f"unknown task {task!r}: use one of {', '.join(TASKS)} (params={{\"task\": ...}})")
     images, texts = _column(frame, "image"), _column(frame, "text")
-    need = {"zero_shot": images is not None, "embed": images is not None or texts is not None,
+    need = {"zero_shot": images is not None, "classify": images is not None, "embed": images is not None or texts is not None,
             "similarity": images is not None and texts is not None}[task]
     if not need:
-        what = {"zero_shot": "an 'image' column", "embed": "an 'image' or a 'text' column", "similarity": "an 'image' and a 'text' column"}[task]
+        what = {"zero_shot": "an 'image' column", "classify": "an 'image' column", "embed": "an 'image' or a 'text' column",
+                "similarity": "an 'image' and a 'text' column"}[task]
         raise InferenceError(f"task {task} needs {what} (images as base64 bytes; texts); got columns {list(frame.columns)}")
+    if task == "classify":  # the request's head and alpha checked before any image is read
+        inference.classify(torch.zeros(0, inference.embed_dim), head, alpha)
     n = len(frame)
     out: Dict[str, List[Any]] = {}
     errors: List[Optional[str]] = [None] * n
@@ -320,7 +369,7 @@ def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot"):
         image_embeds = [None] * n
         for i, e, err in zip(rows, embeds, errs):
             image_embeds[i], errors[i] = (None, err) if err else (e, None)
-        if task == "zero_shot":
+        if task in ("zero_shot", "classify"):
             for i in range(n):
                 if images[i] is None:
                     errors[i] = "no image in this row"
@@ -333,6 +382,14 @@ def answer_frame(inference: CLIPInference, frame: Any, task: str = "zero_shot"):
             out["predicted_class"][i] = names[int(preds[j])]
             out["probability"][i] = float(probs[j, preds[j]])
             out["probabilities"][i] = {c: float(p) for c, p in zip(names, probs[j].tolist())}
+    elif task == "classify":
+        ok = [i for i in range(n) if image_embeds[i] is not None]
+        out.update(prediction=[None] * n, probability=[None] * n, set=[None] * n, probabilities=[None] * n)
+        if ok:
+            pred = inference.classify(torch.stack([image_embeds[i] for i in ok]), head, alpha)
+            for i, record, probs in zip(ok, pred.records(), pred.probabilities.tolist()):
+                out["prediction"][i], out["probability"][i], out["set"][i] = record["prediction"], record["probability"], record["set"]
+                out["probabilities"][i] = dict(zip(pred.class_names, probs))
     elif task == "embed":
         if image_embeds is not None:
             out["image_embedding"] = [None if e is None else e.tolist() for e in image_embeds]

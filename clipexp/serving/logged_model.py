@@ -9,7 +9,8 @@ version of ``NAME``, tagged with the monitored metric and its best value.
 
 Input: a DataFrame with ``image`` (base64-encoded image bytes: a served model opens no path it is sent, unless
 ``tracking.serve_file_root`` named a folder; see :mod:`clipexp.serving.policy`) and/or ``text``; ``params``
-``{"task": "zero_shot" | "embed" | "similarity"}`` (default zero_shot). Output: one row per input row,
+``{"task": "zero_shot" | "classify" | "embed" | "similarity"}`` (default zero_shot; classify also takes ``"head"`` and
+``"alpha"``: the run's fitted heads, ``heads.pt``). Output: one row per input row,
 with an ``error`` column naming any image that could not be read (the other rows are still answered);
 see :func:`clipexp.serving.inference.answer_frame`. An unknown task or a missing column is one line (HTTP 400).
 
@@ -43,8 +44,10 @@ NOTE_TAG = "mlflow.note.content"  # the model page's description (Markdown)
 INPUTS = (("image", "string", "base64-encoded image bytes (PNG, JPEG, ...)"), ("text", "string", "a caption or query"))
 OUTPUTS = (
     ("predicted_class", "string", "zero_shot: the class with the highest probability"),
-    ("probability", "double", "zero_shot: its probability"),
-    ("probabilities", "map<double>", "zero_shot: {class: probability}"),
+    ("prediction", "string", "classify: the head's class"),
+    ("probability", "double", "zero_shot, classify: the class's probability (classify: calibrated)"),
+    ("set", "array<string>", "classify: the conformal prediction set, most probable first (holds the class 1 - alpha of the time)"),
+    ("probabilities", "map<double>", "zero_shot, classify: {class: probability}"),
     ("image_embedding", "array<double>", "embed: the L2-normalised image embedding"),
     ("text_embedding", "array<double>", "embed: the L2-normalised text embedding"),
     ("scores", "array<double>", "similarity: the row's image against every text of the request"),
@@ -70,8 +73,9 @@ def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema
 
+    params = [ParamSpec("task", "string", "zero_shot"), ParamSpec("head", "string", None), ParamSpec("alpha", "double", None)]
     return ModelSignature(inputs=Schema([_colspec(n, k) for n, k, _ in INPUTS]), outputs=Schema([_colspec(n, k) for n, k, _ in OUTPUTS]),
-                          params=ParamSchema([ParamSpec("task", "string", "zero_shot")]))
+                          params=ParamSchema(params))  # head, alpha: task classify (None: the run's first head, its alpha)
 
 
 def model_description(run_id: str, spec: Any, example: Any) -> str:
@@ -93,12 +97,13 @@ import base64, mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("{uri}")
 image = base64.b64encode(open("image.png", "rb").read()).decode()
 model.predict(pd.DataFrame({{"image": [image]}}), params={{"task": "zero_shot"}})   # or "embed", "similarity" (with a "text" column)
+model.predict(pd.DataFrame({{"image": [image]}}), params={{"task": "classify", "head": "linear", "alpha": 0.1}})  # the run's heads
 ```
 
 **Serve**: `mlflow models serve -m {uri} --env-manager local -p 5001`, then POST `{{"dataframe_split": {{"columns": ["image"], \
 "data": [["<base64>"]]}}, "params": {{"task": "zero_shot"}}}}` to `http://127.0.0.1:5001/invocations`.
 
-**Input** (params: `task` = `zero_shot` (default) | `embed` | `similarity`):
+**Input** (params: `task` = `zero_shot` (default) | `classify` (with `head`, `alpha`) | `embed` | `similarity`):
 
 | column | type | holds |
 |---|---|---|

@@ -11,7 +11,7 @@ ARTIFACT = "clip"  # the save_pretrained folder (+ clipexp_inference.json) among
 
 
 class CLIPPyfuncModel(mlflow.pyfunc.PythonModel):
-    """``predict(df, params={"task": ...})`` over :class:`clipexp.serving.inference.CLIPInference`.
+    """``predict(df, params={"task": ..., "head": ..., "alpha": ...})`` over :class:`clipexp.serving.inference.CLIPInference`.
     ``CLIPEXP_DEVICE`` (default auto) and ``CLIPEXP_BATCH_SIZE`` choose where and how it encodes; images are
     bytes (base64), never server paths, within the limits of :mod:`clipexp.serving.policy` (``CLIPEXP_MAX_*``)."""
 
@@ -39,6 +39,7 @@ class CLIPPyfuncModel(mlflow.pyfunc.PythonModel):
 
         try:
             self.sources.check_request(model_input)
-            return answer_frame(self.inference, model_input, (params or {}).get("task") or "zero_shot")
+            params = params or {}
+            return answer_frame(self.inference, model_input, params.get("task") or "zero_shot", params.get("head"), params.get("alpha"))
         except InferenceError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None

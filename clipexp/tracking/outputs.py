@@ -218,6 +218,24 @@ def summary_table(results: Dict[str, Dict[str, float]], best_step: Optional[int]
     return "\n".join(lines)
 
 
+def heads_table(heads: Dict[str, float], alpha: float) -> Optional[str]:
+    """The heads' test figures a run prints after its summary table (None without test figures)."""
+    from clipexp.names import HEADS
+
+    names = [h for h in HEADS if f"test/{h}/balanced_acc" in heads]
+    if not names:
+        return None
+    cols = [("balanced_acc", "balanced_acc"), ("acc", "acc"), ("ece_uncalibrated", "ece_raw"), ("ece", "ece"),
+            ("coverage", "coverage"), ("set_size", "set_size")]
+    lines = [f"{'head (test)':<24}" + "".join(f"{title:>13}" for _, title in cols)]
+    for h in names:
+        vals = [heads.get(f"test/{h}/{key}") for key, _ in cols]
+        lines.append(f"{h:<24}" + "".join(f"{v:>13.4f}" if v is not None else f"{'-':>13}" for v in vals))
+    lines.append(f"heads fitted on the training split's embeddings; ece_raw before and ece after temperature scaling on val; "
+                 f"coverage and set size of the prediction sets at alpha {alpha:g}")
+    return "\n".join(lines)
+
+
 def wise_ft_metrics(result: Dict[str, Any]) -> Dict[str, float]:
     """Flat MLflow metrics: ``wise_ft/alpha_0.50/val/zeroshot_balanced_acc``, ..., ``wise_ft/selected_alpha``."""
     out = {f"wise_ft/{key}/{name}": value for key, metrics in result["alphas"].items() for name, value in metrics.items()}

@@ -18,8 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from clipexp.errors import WriteError
 from clipexp.files import describe_os_error, write_error
+from clipexp.heads import HEADS_FILE
 from clipexp.serving.logged_model import publish_model
 from clipexp.tracking import plots
+from clipexp.tracking.heads_plots import heads_figures
 from clipexp.tracking.outputs import write_outputs, write_plots
 
 
@@ -46,6 +48,7 @@ class RunOutputs:
     test_pairs: Optional[Sequence[Any]]
     best_checkpoint: Path
     last_checkpoint: Optional[Path]
+    heads: Any = None                       # the heads' HeadsReport (clipexp.heads), when the run fitted them
 
 
 def export_command(output_dir: Path) -> str:
@@ -53,8 +56,9 @@ def export_command(output_dir: Path) -> str:
 
 
 def write_run_outputs(run: RunOutputs, model: Any, processor: Any, loss_fn: Any, tracker: Any) -> None:
-    """Plots of ``run.result``, the WiSE-FT plot, then :func:`~clipexp.tracking.outputs.write_outputs` with the
-    serving spec and the pyfunc model; raises :class:`WriteError` when a write fails."""
+    """Plots of ``run.result``, the WiSE-FT plot and the heads' figures, then
+    :func:`~clipexp.tracking.outputs.write_outputs` with the fitted heads (``model/heads.pt``), the serving spec and the
+    pyfunc model; raises :class:`WriteError` when a write fails."""
     out, cfg = Path(run.output_dir), run.cfg
     try:
         write_plots(out / "plots", run.result, run.dataset, run.split, run.class_names, run.history)
@@ -64,10 +68,14 @@ def write_run_outputs(run: RunOutputs, model: Any, processor: Any, loss_fn: Any,
             retention = [m.get(f"{run.retention}/{metric}") for m in points] if run.retention else None
             plots.wise_ft_curve([float(a) for a in cfg.trainer.wise_ft.alphas], [m.get(f"val/{metric}") for m in points], retention,
                                 out / "plots" / "wise_ft.png", retention_name=run.retention or "retention", metric=metric)
+        if run.heads is not None:
+            heads_figures(run.heads, out / "plots")
         summary = {**run.results, "monitor": cfg.trainer.monitor, "best_value": run.best_value, "best_step": run.best_step,
                    "steps": run.steps}
 
-        def publish(model_dir: Path) -> None:  # clipexp_inference.json, SHA256SUMS, test_split.csv, the pyfunc model
+        def publish(model_dir: Path) -> None:  # heads.pt, clipexp_inference.json, SHA256SUMS, test_split.csv, the pyfunc model
+            if run.heads is not None:
+                run.heads.save_heads(model_dir / HEADS_FILE)
             publish_model(tracker, model_dir, cfg, class_names=run.class_names, loss_fn=loss_fn, model=model, step=run.tested_step,
                           best_value=run.best_value, eval_batch_size=run.eval_batch_size, test_pairs=run.test_pairs)
 

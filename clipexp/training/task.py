@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence
 from omegaconf import DictConfig
 
 from clipexp.errors import ConfigError, UserError
-from clipexp.tracking.outputs import summary_table, wise_ft_table
+from clipexp.tracking.outputs import heads_table, summary_table, wise_ft_table
 from clipexp.training import distributed
 from clipexp.training.finishing import export_command
 from clipexp.training.trainer import Trainer
@@ -82,6 +82,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     trainer.cleanup("FINISHED")
     if trainer.dist.is_main:
         print(summary_table(results, trainer.best_step))
+        heads = heads_table(results.get("heads", {}), cfg.eval.conformal.alpha)
+        if heads:
+            print(heads)
         if "wise_ft" in results:
             retention = trainer.extra_eval[0] if trainer.extra_eval else None
             print(wise_ft_table(results["wise_ft"], "val", retention, str(cfg.trainer.monitor).rsplit("/", 1)[-1]))

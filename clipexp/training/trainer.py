@@ -46,6 +46,7 @@ from clipexp.training.distributed import DistContext
 from clipexp.training.finishing import RunOutputs, write_run_outputs
 from clipexp.training.gradcache import exact_accumulation_step
 from clipexp.training.optim import StepPlan, build_optimizer, lr_at, plan_steps, set_lr, trainable_parameters
+from clipexp.training.run_heads import RunHeads
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Trainer:
             self.model, self.loss_fn, self.processor, prepare=self.to_device, collate=self.collate, autocast=self.device_info.autocast,
             dist=self.dist, device=self.device, batch_size=self.eval_batch_size, max_length=cfg.model.max_sequence_length,
             class_names=self.data.class_names, templates=cfg.domain.prompt_templates)
+        self.heads = RunHeads(cfg.eval, self.data, self.evaluator, cfg.seed)  # clipexp.heads on the embeddings (eval group)
 
         found = checkpoint.resume_checkpoint(cfg, self.output_dir, self.dist, self.device) if t.resume else None  # before tracking: it names the run
         if found:
@@ -363,9 +365,13 @@ class Trainer:
         """``{"metrics", "confusion", "embeddings"}`` of a split (see :meth:`Evaluator.metrics`)."""
         return self.evaluator.metrics(split, getattr(self.data, split))
 
-    def _metrics_now(self, split: str) -> Dict[str, float]:
-        """``split``'s metrics for the weights the model holds now; with ``val``, the eval_data set's too."""
-        metrics = dict(self.compute_metrics(split)["metrics"])
+    def _metrics_now(self, split: str, heads: bool = False) -> Dict[str, float]:
+        """``split``'s metrics for the weights the model holds now; with ``val``, the eval_data set's too (and with
+        ``heads``, the heads' ``val/<head>/...`` when ``eval.at_each_eval``)."""
+        result = self.compute_metrics(split)
+        metrics = dict(result["metrics"])
+        if heads and split == "val":
+            metrics.update(self.heads.val_metrics(result["embeddings"]))
         if split == "val" and self.extra_eval is not None:
             name, dataset, class_names, templates = self.extra_eval
             metrics.update(self.evaluator.metrics(name, dataset, class_names, templates)["metrics"])
@@ -377,7 +383,7 @@ class Trainer:
         if getattr(self.data, split) is None:
             log.warning("no %s split (data.%s_split=0): skipping evaluation", split, split)
             return False
-        metrics = self._metrics_now(split)
+        metrics = self._metrics_now(split, heads=True)
         if self.ema is not None:  # the EMA weights, evaluated alongside: ema/val/...
             with self.ema.swapped(self.model):
                 metrics.update({EMA_PREFIX + k: v for k, v in self._metrics_now(split).items()})
@@ -503,13 +509,20 @@ class Trainer:
             self.results["wise_ft"] = wise
         split = "test" if self.data.test is not None else "val" if self.data.val is not None else None
         result = self.compute_metrics(split) if split is not None else None
-        if result is not None and split == "test":
-            self._log(result["metrics"], step=self.tested_step)
-            self.results["test"] = dict(result["metrics"])
+        heads = self.heads.at_end(result, split)  # fitted on the training split, with the val / test embeddings above
+        logged = dict(result["metrics"]) if result is not None and split == "test" else {}
+        if logged:
+            self.results["test"] = dict(logged)
+        if heads is not None:
+            self.results["heads"] = dict(heads.metrics)
+            logged.update(heads.metrics)
+        if logged:
+            self._log(logged, step=self.tested_step)  # the heads' metrics with the test metrics, at the tested weights' step
         if self.dist.is_main:  # a full disk keeps the checkpoints (finishing.py)
-            write_run_outputs(self._run_outputs(result, split, wise), self.model, self.processor, self.loss_fn, self.tracker)
+            write_run_outputs(self._run_outputs(result, split, wise, heads), self.model, self.processor, self.loss_fn, self.tracker)
 
-    def _run_outputs(self, result: Optional[Dict[str, Any]], split: Optional[str], wise: Optional[Dict[str, Any]]) -> RunOutputs:
+    def _run_outputs(self, result: Optional[Dict[str, Any]], split: Optional[str], wise: Optional[Dict[str, Any]],
+                     heads: Any = None) -> RunOutputs:
         return RunOutputs(
             output_dir=self.output_dir, cfg=self.cfg, hydra_dir=self.hydra_dir, results=self.results, history=self.history,
             best_value=self.best_value, best_step=self.best_step, steps=self.global_step, tested_step=self.tested_step,
@@ -517,7 +530,7 @@ class Trainer:
             dataset=getattr(self.data, split) if split else None, class_names=list(self.data.class_names), wise=wise,
             retention=self.extra_eval[0] if self.extra_eval else None, eval_batch_size=self.eval_batch_size,
             test_pairs=getattr(self.data.test, "pairs", None), best_checkpoint=self.ckpt_dir / checkpoint.BEST,
-            last_checkpoint=self.last_checkpoint)
+            last_checkpoint=self.last_checkpoint, heads=heads)
 
     def _log(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         """Log ``metrics`` at ``step`` (default: the current step; test metrics: the step of the weights tested)."""

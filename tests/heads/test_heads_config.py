@@ -15,11 +15,11 @@ def test_the_default_eval_options_compose(compose_cfg):
     assert (cfg.eval.conformal.alpha, cfg.eval.conformal.score, cfg.eval.conformal.mondrian) == (0.1, "lac", False)
     cfg = compose_cfg("eval.shots=[1,2,4,8,16]", "eval.heads=[prototype,linear]", "eval.conformal.score=aps")
     assert list(cfg.eval.shots) == [1, 2, 4, 8, 16] and list(cfg.eval.heads) == ["prototype", "linear"]
+    assert list(compose_cfg("eval.heads=[]").eval.heads) == []  # heads off
 
 
 @pytest.mark.parametrize("override,message", [
-    ("eval.heads=[linear,svm]", "eval.heads=['linear', 'svm'] is invalid: a non-empty list of zero_shot, prototype, knn, linear, tip"),
-    ("eval.heads=[]", "eval.heads=[] is invalid: a non-empty list of"),
+    ("eval.heads=[linear,svm]", "eval.heads=['linear', 'svm'] is invalid: a list of zero_shot, prototype, knn, linear, tip ([] for none)"),
     ("eval.shots=[0,4]", "eval.shots=[0, 4] is invalid: a list of integers >= 1"),
     ("eval.draws=0", "eval.draws=0 is invalid: an integer >= 1"),
     ("eval.conformal.alpha=0", "eval.conformal.alpha=0.0 is invalid: a miscoverage rate in (0, 1)"),

@@ -1,6 +1,6 @@
 """Using the fine-tuned model: the logged pyfunc model, the batch tools, the MLflow server, bad input.
 
-One short tracked run (the smoke preset on real textile images, the pyfunc model on, registered) is
+One short tracked run (the smoke preset on real textile images, every head on, the pyfunc model on, registered) is
 trained once for the module with the trainer itself, so the trainer's own test-split embeddings and
 logged metrics are the reference every answer is compared with.
 """
@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 REGISTERED = "textile-clip"
+HEADS = ("zero_shot", "prototype", "knn", "linear", "tip")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -45,7 +46,8 @@ def run(tmp_path_factory):
     # nearest-neighbour resizing (not the default bicubic): every answer below also shows the run's
     # interpolation travels with the model to the pyfunc model, the batch tools and the server
     cfg = compose_and_validate(["experiment=smoke", f"tracking.uri={uri}", "tracking.pyfunc_model=true",
-                                f"tracking.register_model={REGISTERED}", "model.image_interpolation=nearest"])
+                                f"tracking.register_model={REGISTERED}", "model.image_interpolation=nearest",
+                                f"eval.heads=[{','.join(HEADS)}]"])
     trainer = Trainer(cfg, tmp / "run")
     try:
         trainer.setup()
@@ -102,7 +104,7 @@ def test_logged_model_is_linked_to_run_metrics_and_registered(run):
 
     info = mlflow.models.get_model_info(f"models:/{model.model_id}")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "text"]
-    assert info.signature.params.to_dict()[0]["name"] == "task"
+    assert [p["name"] for p in info.signature.params.to_dict()] == ["task", "head", "alpha"]
     assert info.saved_input_example_info is not None
     # typed outputs, and the model page's description: how to load it, its columns (tests/tracking/test_mlflow_browser.py shows it)
     outputs = {c["name"]: c["type"] for c in info.signature.outputs.to_dict()}
@@ -245,6 +247,140 @@ def test_cli_sources_embed_and_search(run, tmp_path, capsys):
     assert hits["path"].tolist() == [run["paths"][i] for i in expected] and hits["rank"].tolist() == [1, 2, 3]
 
 
+# ----------------------------------------------------------------------------- classify: the heads
+def _set_figures(sets, labels):
+    """(coverage, mean set size) of prediction sets given as ``a|b`` strings (empty: NaN from the CSV) or lists."""
+    as_list = [s if isinstance(s, list) else (s.split("|") if isinstance(s, str) and s else []) for s in sets]
+    return (sum(lab in s for s, lab in zip(as_list, labels)) / len(labels), sum(map(len, as_list)) / len(labels))
+
+
+def test_cli_classify_on_the_test_split_gives_the_runs_head_figures(run, tmp_path, capsys):
+    """Per head, `predict classify` on the run's test_split.csv: accuracy, ECE of the written probabilities, coverage
+    and mean size of the written sets are the run's logged test/<head>/... figures."""
+    import pandas as pd
+
+    from clipexp.heads.calibration import expected_calibration_error
+    from clipexp.serving.predict import main
+
+    logged = run["results"]["heads"]
+    for head in HEADS:
+        out = tmp_path / f"{head}.csv"
+        assert main(["classify", "--model", str(run["out"]), "--images", str(run["csv"]), "--head", head, "--out", str(out),
+                     "--no-progress"]) == 0
+        rows = pd.read_csv(out)
+        assert rows.columns.tolist() == ["path", "label", "prediction", "probability", "set", "error"] + [f"p({c})" for c in run["class_names"]]
+        assert rows["path"].tolist() == run["paths"] and rows["error"].isna().all()
+        probs = torch.tensor(rows[[f"p({c})" for c in run["class_names"]]].values)
+        labels = torch.tensor([run["class_names"].index(c) for c in rows["label"]])
+        assert rows["probability"].tolist() == probs.max(dim=1).values.tolist()
+        assert float((rows["prediction"] == rows["label"]).mean()) == logged[f"test/{head}/acc"]
+        assert expected_calibration_error(probs, labels) == pytest.approx(logged[f"test/{head}/ece"], abs=1e-6)
+        cov, size = _set_figures(rows["set"].tolist(), rows["label"].tolist())
+        assert (cov, size) == (pytest.approx(logged[f"test/{head}/coverage"], abs=1e-12), pytest.approx(logged[f"test/{head}/set_size"], abs=1e-12))
+        assert f"coverage={logged[f'test/{head}/coverage']:.4f} set_size={logged[f'test/{head}/set_size']:.4f}" in capsys.readouterr().out
+
+
+def test_pyfunc_classify_answers_with_the_runs_calibrated_probabilities_and_sets(run, pyfunc):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from clipexp.heads import load_heads
+
+    df = pd.DataFrame({"image": [_b64(p) for p in run["paths"]]})
+    logged = run["results"]["heads"]
+    for head in HEADS:
+        out = pyfunc.predict(df, params={"task": "classify", "head": head})
+        assert out["error"].isna().all() and set(out["prediction"]) <= set(run["class_names"])
+        cov, size = _set_figures(out["set"].tolist(), run["labels"])
+        assert (cov, size) == (pytest.approx(logged[f"test/{head}/coverage"], abs=1e-12), pytest.approx(logged[f"test/{head}/set_size"], abs=1e-12))
+        assert all(p[row] == max(p.values()) for p, row in zip(out["probabilities"], out["prediction"]))
+    # another alpha: the run's saved heads on the trainer's own test embeddings give the same sets and probabilities
+    heads = load_heads(run["out"] / "model" / "heads.pt")
+    expected = heads.predict(run["image"], "linear", alpha=0.3)
+    out = pyfunc.predict(df, params={"task": "classify", "head": "linear", "alpha": 0.3})
+    assert out["set"].tolist() == expected.set_names()
+    assert out["probability"].tolist() == pytest.approx(expected.probability.tolist(), abs=1e-5)
+    default = pyfunc.predict(df.head(2), params={"task": "classify"})  # the run's first head, at its alpha
+    assert default["set"].tolist() == heads.predict(run["image"][:2], heads.names[0]).set_names()
+    with pytest.raises(MlflowException, match=r"^no head 'svm' in this run's heads: use one of zero_shot, prototype, knn, linear, tip$"):
+        pyfunc.predict(df, params={"task": "classify", "head": "svm"})
+    with pytest.raises(MlflowException, match=r"^alpha=1.5: give a miscoverage rate in \(0, 1\)"):
+        pyfunc.predict(df, params={"task": "classify", "alpha": 1.5})
+
+
+def test_cli_classify_with_exemplars_of_classes_the_run_never_saw(run, tmp_path, capsys):
+    """--exemplars bank/: a sub-folder per new class ("speckled", "clean": textile images from outside the run's 96,
+    under names the run never had); half of each class's images (seed 0) fit the head, the rest calibrate its
+    temperature and sets: the written probabilities and sets are fit_heads' on the same embeddings."""
+    import shutil
+
+    import pandas as pd
+
+    from clipexp.data.textile import textile_root
+    from clipexp.heads import fit_heads, split_exemplars
+    from clipexp.serving.inference import CLIPInference
+    from clipexp.serving.predict import main, read_images
+
+    bank, queries = tmp_path / "bank", tmp_path / "queries"
+    for folder, name in (("local", "speckled"), ("nominal", "clean")):
+        files = [f for f in sorted((textile_root() / folder).glob("*.jpg")) if str(f) not in run["paths"]][-11:]
+        for target, chunk in ((bank, files[:8]), (queries, files[8:])):
+            (target / name).mkdir(parents=True)
+            for f in chunk:
+                shutil.copy(f, target / name / f.name)
+    out = tmp_path / "preds.csv"
+    assert main(["classify", "--model", str(run["out"]), "--images", str(queries), "--exemplars", str(bank), "--head", "prototype",
+                 "--alpha", "0.2", "--out", str(out), "--no-progress"]) == 0
+    assert "classified by head prototype (sets at alpha 0.2" in capsys.readouterr().out
+    rows = pd.read_csv(out)
+    names = ["clean", "speckled"]
+    assert [c for c in rows.columns if c.startswith("p(")] == [f"p({c})" for c in names]
+
+    inference = CLIPInference.from_pretrained(run["out"] / "model", device="cpu")
+    paths, labels = read_images(str(bank), "image_path", "label")
+    emb, _ = inference.embed_sources(paths)
+    y = torch.tensor([names.index(c) for c in labels])
+    fit, cal = split_exemplars(y, 0.5, seed=0)
+    assert len(fit) == len(cal) == 8
+    expected_set = fit_heads((emb[fit], y[fit]), (emb[cal], y[cal]), names, heads=["prototype"],
+                             logit_scale=1.0 / inference.spec.temperature, alpha=0.2)
+    expected = expected_set.predict(inference.embed_sources(rows["path"].tolist())[0], "prototype")
+    assert 0.05 < float(expected.probability.min()) and float(expected.probability.max()) < 0.95  # informative, not saturated
+    assert float(torch.tensor(rows[[f"p({c})" for c in names]].values).float().sub(expected.probabilities).abs().max()) <= 1e-6
+    assert rows["set"].fillna("").str.split("|").tolist() == [s or [""] for s in expected.set_names()]
+    # tip also needs the new classes' prompt embeddings: built from the run's templates
+    assert main(["classify", "--model", str(run["out"]), "--images", str(queries), "--exemplars", str(bank), "--head", "tip",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert set(pd.read_csv(out)["prediction"]) <= set(names)
+
+
+def test_classify_without_heads_or_with_bad_arguments_is_one_line(run, tmp_path, capsys):
+    import shutil
+
+    from clipexp.files import write_folder_manifest
+    from clipexp.serving.predict import main
+
+    bare = tmp_path / "model"
+    shutil.copytree(run["out"] / "model", bare)
+    for name in ("heads.pt", "heads.pt.sha256"):
+        (bare / name).unlink()
+    write_folder_manifest(bare)  # a model saved without heads (eval.heads=[])
+    args = ["classify", "--images", str(run["csv"]), "--out", str(tmp_path / "p.csv"), "--no-progress"]
+    assert main([*args, "--model", str(bare)]) == 2
+    assert capsys.readouterr().err.strip().startswith("clipexp.serving.predict: error: this model has no fitted heads (heads.pt")
+    assert main([*args, "--model", str(run["out"]), "--classes", "a,b"]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: --classes: classify takes its classes from the run's heads, or from "
+                                                    "--exemplars' sub-folders")
+    with pytest.raises(SystemExit):
+        main([*args, "--model", str(run["out"]), "--alpha", "1"])
+    assert "argument --alpha: '1': give a miscoverage rate in (0, 1)" in capsys.readouterr().err
+    (tmp_path / "flat").mkdir()
+    shutil.copy(run["paths"][0], tmp_path / "flat" / "a.jpg")
+    assert main([*args, "--model", str(run["out"]), "--exemplars", str(tmp_path / "flat")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--exemplars {tmp_path / 'flat'}: 1 image(s) directly in the folder; put each "
+                                                    "class's images in a sub-folder named after the class (e.g. scratch/001.png)")
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_unreadable_image_is_reported_on_its_row(run, pyfunc, tmp_path):
     import pandas as pd
@@ -273,8 +409,8 @@ def test_unknown_task_and_missing_column_are_one_line(run, pyfunc, tmp_path, cap
 
     from clipexp.serving.predict import main
 
-    with pytest.raises(MlflowException, match=r"^unknown task 'classify': use one of zero_shot, embed, similarity"):
-        pyfunc.predict(pd.DataFrame({"image": [_b64(run["paths"][0])]}), params={"task": "classify"})
+    with pytest.raises(MlflowException, match=r"^unknown task 'segment': use one of zero_shot, classify, embed, similarity"):
+        pyfunc.predict(pd.DataFrame({"image": [_b64(run["paths"][0])]}), params={"task": "segment"})
     with pytest.raises(MlflowException, match=r"^task similarity needs an 'image' and a 'text' column"):
         pyfunc.predict(pd.DataFrame({"image": [_b64(run["paths"][0])]}), params={"task": "similarity"})
     listing = tmp_path / "images.csv"
