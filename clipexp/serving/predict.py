@@ -1,11 +1,11 @@
-"""Batch tools for a fine-tuned model: ``python -m clipexp.serving.predict classify | zero_shot | embed | search``.
+"""Batch tools for a fine-tuned model: ``clipexp predict classify | zero_shot | embed | search``.
 
 ::
 
-    python -m clipexp.serving.predict classify --model outputs/2026-12-02/10-00-00.000000 --images test.csv --head linear --out preds.csv
-    python -m clipexp.serving.predict zero_shot --model outputs/2026-12-02/10-00-00.000000 --images test.csv --out preds.csv
-    python -m clipexp.serving.predict embed --model runs:/<run id>/clip --images photos/ --out photos.parquet
-    python -m clipexp.serving.predict search --model <run id> --embeddings photos.parquet --query "a local defect" --top-k 5
+    clipexp predict classify --model outputs/2026-12-02/10-00-00.000000 --images test.csv --head linear --out preds.csv
+    clipexp predict zero_shot --model outputs/2026-12-02/10-00-00.000000 --images test.csv --out preds.csv
+    clipexp predict embed --model runs:/<run id>/clip --images photos/ --out photos.parquet
+    clipexp predict search --model <run id> --embeddings photos.parquet --query "a local defect" --top-k 5
 
 ``--model``: a run id or ``runs:/<id>/clip`` / ``models:/NAME/VERSION`` URI (``--tracking-uri``, default
 the store rule of :func:`clipexp.tracking.tracker.default_tracking_uri`), a run folder (``outputs/...``, its ``model/``) or a ``save_pretrained`` folder (a
@@ -35,7 +35,7 @@ from clipexp.errors import UserError
 from clipexp.serving.embeddings import EMBEDDING_SUFFIXES, read_embeddings, write_embeddings
 from clipexp.names import HEADS
 
-PROG = "clipexp.serving.predict"
+PROG = "clipexp predict"
 
 
 class PredictError(UserError, ValueError):
@@ -282,7 +282,7 @@ def _alpha(text: str) -> float:
     return value
 
 
-def build_parser(prog: str = f"python -m {PROG}") -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Classify (with the run's heads), zero-shot classify, embed or search "
                                                           "images with a fine-tuned model.",
                                      epilog=EXAMPLES.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,15 +364,11 @@ def run(args: argparse.Namespace) -> None:
         print(f"{s['answered']} of {s['images']} images embedded ({s['dim']} dims; {s['errors']} unreadable) -> {args.out}")
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = f"python -m {PROG}") -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         run(args)
     except UserError as err:
-        print(f"{prog.split()[-1] if prog.startswith('python') else prog.split()[0]}: error: {err}", file=sys.stderr)
+        print(f"{prog.split()[0]}: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -97,7 +97,7 @@ def test_embeddings_of_another_model_are_refused_in_one_line(setup, tmp_path, ca
     fp_a = CLIPInference.from_pretrained(setup["a"], device="cpu").fingerprint
     assert fp_a != fp_b
     assert _error(capsys) == (
-        f"clipexp.serving.predict: error: --embeddings {emb} was written by another model (fingerprint {fp_b[:12]}) than "
+        f"clipexp: error: --embeddings {emb} was written by another model (fingerprint {fp_b[:12]}) than "
         f"--model {setup['a']} ({fp_a[:12]}): its scores would rank wrongly; embed the images again with this model "
         f"(embed --model {setup['a']} --out {emb})")
     assert not (tmp_path / "hits.csv").exists()
@@ -138,14 +138,14 @@ def test_a_predictions_csv_or_a_file_without_fingerprint_is_one_line(setup, tmp_
     assert _search(setup["a"], preds, tmp_path / "hits.csv") == 2
     columns = ", ".join(pd.read_csv(preds).columns)
     assert _error(capsys) == (
-        f"clipexp.serving.predict: error: --embeddings {preds}: no embedding columns e0, e1, ... (columns: {columns}): "
+        f"clipexp: error: --embeddings {preds}: no embedding columns e0, e1, ... (columns: {columns}): "
         f"not a file embed wrote; write one with embed --model {setup['a']} --images <images> --out {tmp_path / 'embeddings.csv'}")
     # a parquet of the old layout (no fingerprint in its metadata)
     old = tmp_path / "old.parquet"
     pd.DataFrame({"path": ["x.png"], "embedding": [[0.5, 0.5]], "error": [None]}).to_parquet(old, index=False)
     assert _search(setup["a"], old, tmp_path / "hits.csv") == 2
     assert _error(capsys) == (
-        f"clipexp.serving.predict: error: --embeddings {old} carries no model fingerprint (written by an older clipexp or "
+        f"clipexp: error: --embeddings {old} carries no model fingerprint (written by an older clipexp or "
         f"another tool), so nothing says which model wrote it; embed the images again with this model "
         f"(embed --model {setup['a']} --out {old})")
     # not a parquet file at all
@@ -153,7 +153,7 @@ def test_a_predictions_csv_or_a_file_without_fingerprint_is_one_line(setup, tmp_
     bogus.write_text("image_path,caption\n")
     assert _search(setup["a"], bogus, tmp_path / "hits.csv") == 2
     line = _error(capsys)
-    assert line.startswith(f"clipexp.serving.predict: error: --embeddings {bogus}: not a parquet file (") and \
+    assert line.startswith(f"clipexp: error: --embeddings {bogus}: not a parquet file (") and \
         line.endswith("); give the .parquet, .csv or .npy file embed wrote")
     with pytest.raises(EmbeddingsError) as exc:
         read_embeddings(tmp_path / "emb.txt")

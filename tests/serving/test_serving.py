@@ -367,7 +367,7 @@ def test_classify_without_heads_or_with_bad_arguments_is_one_line(run, tmp_path,
     write_folder_manifest(bare)  # a model saved without heads (eval.heads=[])
     args = ["classify", "--images", str(run["csv"]), "--out", str(tmp_path / "p.csv"), "--no-progress"]
     assert main([*args, "--model", str(bare)]) == 2
-    assert capsys.readouterr().err.strip().startswith("clipexp.serving.predict: error: this model has no fitted heads (heads.pt")
+    assert capsys.readouterr().err.strip().startswith("clipexp: error: this model has no fitted heads (heads.pt")
     assert main([*args, "--model", str(run["out"]), "--classes", "a,b"]) == 2
     assert capsys.readouterr().err.strip().endswith("error: --classes: classify takes its classes from the run's heads, or from "
                                                     "--exemplars' sub-folders")
@@ -417,7 +417,7 @@ def test_unknown_task_and_missing_column_are_one_line(run, pyfunc, tmp_path, cap
     listing.write_text("file\nx.jpg\n")
     assert main(["zero_shot", "--model", str(run["out"]), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"clipexp.serving.predict: error: --images {listing}: no column 'image_path' (columns: file); set --image-column"
+    assert err[-1] == f"clipexp: error: --images {listing}: no column 'image_path' (columns: file); set --image-column"
     assert main(["zero_shot", "--model", str(tmp_path), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 2
     assert "no config.json there or in its model/ folder" in capsys.readouterr().err
 
@@ -525,7 +525,7 @@ def test_served_model_refuses_paths_without_touching_the_filesystem(run, pyfunc,
 
 
 def test_base64_image_gets_the_answer_predict_gives(run, pyfunc, tmp_path):
-    """The same images as base64 to the served model and as files to ``python -m clipexp.serving.predict``: the same
+    """The same images as base64 to the served model and as files to ``clipexp predict``: the same
     embeddings and classes (also as a data URI and with MIME line breaks)."""
     import textwrap
 
