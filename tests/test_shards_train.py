@@ -83,7 +83,7 @@ def test_shards_give_the_csv_sources_metrics(tmp_path, textile_shards):
     assert a["steps"] == b["steps"] == 12
     for section in ("baseline", "final", "best", "test"):
         assert b[section] == a[section], section
-    assert "train 77 / val 10 / test 9 pairs; 12 steps (9 per epoch)" in out + err
+    assert "train 77 / val 10 / test 9 pairs; 12 steps (9 per epoch, 1.33 epochs)" in out + err
 
 
 def test_sigkill_and_resume_continue_the_stream_step_exactly(tmp_path, textile_shards):
@@ -103,7 +103,7 @@ def test_sigkill_and_resume_continue_the_stream_step_exactly(tmp_path, textile_s
     assert "resumed from" in out + err and "(epoch 1, batch 1)" in out + err
     ref_out, ref_err = ref.communicate(timeout=600)
     assert ref.returncode == 0, ref_err[-3000:]
-    assert "20 steps (8 per epoch)" in ref_out + ref_err
+    assert "20 steps (8 per epoch, 2.5 epochs)" in ref_out + ref_err
     a, b = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")
     assert a["steps"] == b["steps"] == 20
     for section in ("final", "best", "test"):

@@ -19,6 +19,8 @@ import io
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
+from clipexp.errors import UserError
+
 QUOTE_ADVICE = 'close the quote, or write a quote inside a quoted field as ""'
 PREVIEW = 80  # characters of a swallowed line quoted in a message
 
@@ -34,7 +36,7 @@ class Record:
     problem: Optional[str] = None
 
 
-class CSVSyntaxError(ValueError):
+class CSVSyntaxError(UserError, ValueError):
     """``csv.reader`` refused a line (a NUL byte, a field over the size limit): ``line`` is 1-based."""
 
     def __init__(self, line: int, message: str):

@@ -16,6 +16,7 @@ from clipexp.data.csv_records import CSVSyntaxError, first_cells, read_records, 
 from clipexp.data.pairs import IMAGE_EXTENSIONS, ImageTextPair
 from clipexp.data.problems import DataValidationError, Problem, one_problem
 from clipexp.data.validation import Candidate, check_on_error, clean_captions, finalize_with, resolve_image
+from clipexp.errors import UserError
 
 PathLike = Union[str, Path]
 Result = Tuple[List[ImageTextPair], List[Problem]]
@@ -160,7 +161,7 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
-class JSONShapeError(ValueError):
+class JSONShapeError(UserError, ValueError):
     """A JSON file whose shape would lose items; ``line`` (1-based) is where, when known."""
 
     def __init__(self, message: str, line: Optional[int] = None):

@@ -159,6 +159,8 @@ class CLIPInference:
         self.normalize = PixelNormalizer(spec.image_mean, spec.image_std)
         self._class_embeds: Optional[torch.Tensor] = None
         self._fingerprint: Optional[str] = None
+        self.heads_path: Optional[Path] = None  # the run's heads.pt (from_pretrained sets it)
+        self._heads: Any = None
 
     @property
     def fingerprint(self) -> str:
@@ -167,8 +169,6 @@ class CLIPInference:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model, self.spec)
         return self._fingerprint
-        self.heads_path: Optional[Path] = None  # the run's heads.pt (from_pretrained sets it)
-        self._heads: Any = None
 
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, Path], device: str = "auto", precision: str = "auto",

@@ -304,8 +304,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         p.add_argument("--images", required=True, help="a folder of images or a CSV with an image_path column")
         p.add_argument("--image-column", default="image_path")
         p.add_argument("--label-column", default="label")
-        p.add_argument("--out", required=True, type=Path, help=".csv (zero_shot); .parquet, .csv or .npy (embed)")
-        p.add_argument("--out", required=True, type=Path, help=".csv (classify, zero_shot); .parquet or .npy (embed)")
+        p.add_argument("--out", required=True, type=Path, help=".csv (classify, zero_shot); .parquet, .csv or .npy (embed)")
         if name == "classify":
             p.add_argument("--head", default=None, choices=list(HEADS), help="default: the run's first head (prototype with --exemplars)")
             p.add_argument("--alpha", type=_alpha, default=None,
