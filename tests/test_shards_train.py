@@ -147,6 +147,7 @@ def _rank_main(out: Path, shards: Path) -> None:
     for _ in range(2 * trainer.plan.steps_per_epoch):
         batch = next(batches)
         seen.append([trainer.epoch, batch["indices"].tolist()])
+        trainer.batch_in_epoch += 1  # what the loop does after each step: the position moves with the step
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, {"steps_per_epoch": trainer.plan.steps_per_epoch, "seen": seen})
     if dist.get_rank() == 0:

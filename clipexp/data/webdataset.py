@@ -293,6 +293,7 @@ class StreamLoader(DataLoader):
         except DataValidationError as err:
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
             raise DataValidationError(lines[-1].split("DataValidationError: ", 1)[-1] if lines else str(err)) from None
+        self.dataset._check_fraction()  # judged again on the whole epoch: a bad shard read early, before enough samples, counts too
         bad, seen = self.dataset.bad_counts()
         if bad:
             log.warning("data: %d bad samples skipped of %d read so far (data.max_bad_fraction=%s)", bad, seen, self.dataset.max_bad_fraction)
