@@ -23,7 +23,7 @@ from typing import List, Optional
 from clipexp.cli.help import short_help
 from clipexp.config.compose import check_command_line, compose
 from clipexp.config.schema import register_configs
-from clipexp.errors import UserError
+from clipexp.errors import UsageError, UserError
 from clipexp.paths import CONF_DIR
 
 EXIT_USAGE = 2
