@@ -193,17 +193,23 @@ def test_flipped_byte_in_tensor_data_is_detected_and_latest_falls_back(work, cap
 
 # ------------------------------------------------------------------------------------ disk full
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_the_run(work, monkeypatch):
-    """A writer that fills the disk half-way through step 4's checkpoint (what ENOSPC looks like)."""
+    """A writer that fills the disk half-way through step 4's checkpoint (what ENOSPC looks like; the same fault from the
+    kernel, through the CLI: tests/training/test_faults_midrun.py)."""
+    import io
+
     from clipexp.errors import WriteError
 
     fresh = work / "fresh"
     real_save = torch.save
 
     def save_until_the_disk_is_full(obj, f, *args, **kwargs):
-        if "step_0000004" in str(f):
-            real_save(obj, f, *args, **kwargs)
-            Path(f).write_bytes(Path(f).read_bytes()[:1000])  # what got onto the disk before it filled
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        name = str(getattr(f, "name", f))  # a path, or the file it opened
+        if "step_0000004" in name:
+            whole = io.BytesIO()
+            real_save(obj, whole, *args, **kwargs)
+            with open(name, "r+b") as out:
+                out.write(whole.getvalue()[:1000])  # what got onto the disk before it filled
+            raise OSError(errno.ENOSPC, "No space left on device", name)
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
