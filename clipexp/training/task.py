@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> Optional[float]:
             print(f"clipexp: job {hc.job.num} failed: {err}", file=sys.stderr)
             return float("nan")
         if expected:
-            if trainer.tracker is None:  # stopped while setting up (bad data, a refused resume): nothing of the run to keep
+            if trainer.tracker is None:  # stopped while setting up (bad data, a file that is not there): nothing to keep
                 remove_untouched_folder(output_dir, f"{hc.job.name}.log")
             print(f"clipexp: error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
