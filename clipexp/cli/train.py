@@ -137,6 +137,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         cfg = preflight(sys.argv[1:])
         check_output_folder(sys.argv[1:])
+        if cfg is not None:  # a refused resume leaves the run's folder as it was
+            from clipexp.training.checkpoint import check_resume_before_start
+
+            check_resume_before_start(cfg)
     except UserError as err:
         if _is_rank_zero():  # under torchrun every rank finds the same error; one line is enough
             print(f"clipexp: error: {err}", file=sys.stderr)

@@ -77,7 +77,8 @@ def build_loader(dataset: Dataset, *, batch_size: Optional[int] = 1, sampler: Op
 
     Workers are persistent (started once, not again every epoch) and ignore Ctrl-C; shuffling draws from a
     ``torch.Generator`` seeded with ``seed``, so the same seed gives the same order (with a sampler, the sampler
-    decides the order, and each ``iter()`` draws its workers' base seed from torch's global generator)."""
+    decides the order). Each ``iter()`` draws its workers' base seed from that generator too, so building or
+    starting a loader never moves torch's global generator."""
     kwargs: Dict[str, Any] = dict(extra)
     if num_workers > 0:
         kwargs.update(persistent_workers=True, worker_init_fn=_ignore_interrupts)
@@ -87,8 +88,9 @@ def build_loader(dataset: Dataset, *, batch_size: Optional[int] = 1, sampler: Op
         kwargs["batch_sampler"] = batch_sampler
     else:
         kwargs.update(batch_size=batch_size, shuffle=bool(shuffle) and sampler is None, sampler=sampler, drop_last=drop_last)
-    if shuffle and sampler is None and batch_sampler is None:
-        kwargs["generator"] = torch.Generator().manual_seed(int(seed))
+    # its own generator, always: each iter() draws its workers' base seed from it, never from torch's global one (the
+    # one dropout draws from: an evaluation, or a loader started again on resume, would shift the masks of later steps)
+    kwargs.setdefault("generator", torch.Generator().manual_seed(int(seed)))
     return loader_class(dataset, num_workers=int(num_workers), collate_fn=collate, pin_memory=bool(pin_memory), **kwargs)
 
 

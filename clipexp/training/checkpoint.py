@@ -114,7 +114,8 @@ def atomic_save(obj: Any, path: Path) -> Path:
     digest: List[str] = []
 
     def write(tmp: Path) -> None:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:  # a Python file: a refused write raises its OSError (ENOSPC, EFBIG, EROFS) into the
+            torch.save(obj, f)      # chain; torch's own file writer only says "iostream error" / "unexpected pos"
         digest.append(sha256_file(tmp))
         # the old manifest goes first: a crash before the new one is written leaves an unchecked file, never a false mismatch
         checksum_path(path).unlink(missing_ok=True)
@@ -364,6 +365,13 @@ def _allowed(key: str, allow: Any) -> bool:
 def check_config(saved: Dict[str, Any], current: Dict[str, Any], allow: Any, path: Path) -> List[Tuple[str, Any, Any]]:
     """The changes ``allow`` covers (logged); raises :class:`CheckpointError` listing the others."""
     changes = config_changes(saved, current)
+    _refuse(changes, allow, path)
+    if changes:
+        log.warning("resume: continuing %s with a changed config: %s", path, describe_changes(changes))
+    return changes
+
+
+def _refuse(changes: Sequence[Tuple[str, Any, Any]], allow: Any, path: Path) -> None:
     refused = [c for c in changes if not (c[0] in MAY_CHANGE or _allowed(c[0], allow))]
     if refused:
         listed = ", ".join(f"{k}: {a} -> {b}" for k, a, b in refused)
@@ -371,9 +379,23 @@ def check_config(saved: Dict[str, Any], current: Dict[str, Any], allow: Any, pat
         raise CheckpointError(f"trainer.resume: {path} was trained with a different config ({listed}); resume with the "
                               f"checkpoint's values, or allow the change with trainer.resume_allow_changes=[{keys}] "
                               f"(or =true for any)")
-    if changes:
-        log.warning("resume: continuing %s with a changed config: %s", path, describe_changes(changes))
-    return changes
+
+
+def check_resume_before_start(cfg) -> None:
+    """``trainer.resume=<run folder or checkpoint>`` with a change the checkpoint refuses (:func:`check_config`) is
+    refused before the job starts: a started job has Hydra rewrite the run folder's ``.hydra/overrides.yaml``, which
+    the next ``clipexp train trainer.resume=<run>`` replays, so a refused change would stick to the run. Reads only the
+    config of the checkpoint the resume would take (memory-mapped); a file that does not open is left to the resume."""
+    resume = cfg.trainer.resume
+    if resume in (None, LATEST, LATEST_OR_NEW):
+        return
+    for path in [Path(resume)] if Path(resume).is_file() else checkpoint_candidates(Path(resume)):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        except Exception:  # noqa: BLE001 - damaged, foreign or older: the resume itself says what it is
+            continue
+        _refuse(config_changes(saved or {}, OmegaConf.to_container(cfg, resolve=True)), cfg.trainer.resume_allow_changes, path)
+        return
 
 
 def describe_changes(changes: Sequence[Tuple[str, Any, Any]]) -> str:

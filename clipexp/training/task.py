@@ -71,6 +71,8 @@ def run(cfg: DictConfig) -> Optional[float]:
             print(f"clipexp: job {hc.job.num} failed: {err}", file=sys.stderr)
             return float("nan")
         if expected:
+            if trainer.tracker is None:  # stopped while setting up (bad data, a file that is not there): nothing to keep
+                remove_untouched_folder(output_dir, f"{hc.job.name}.log")
             print(f"clipexp: error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
         raise
@@ -90,6 +92,22 @@ def run(cfg: DictConfig) -> Optional[float]:
             print(wise_ft_table(results["wise_ft"], "val", retention, str(cfg.trainer.monitor).rsplit("/", 1)[-1]))
         print(f"outputs: {output_dir}\nmodel:   {output_dir / 'model'}\nmetrics: {output_dir / 'metrics.json'}\nmlflow:  {trainer.tracker.run_url}")
     return trainer.best_value
+
+
+def remove_untouched_folder(output_dir: Path, job_log: str) -> None:
+    """Remove the run folder Hydra made when it holds only Hydra's own files (``.hydra/``, the job log), and the folders
+    above it inside the current one that this leaves empty (``outputs/<date>``): a run that failed validation leaves
+    nothing behind. A folder with anything else in it (a resumed run's checkpoints) is kept."""
+    import shutil
+
+    if not output_dir.is_dir() or not {p.name for p in output_dir.iterdir()} <= {".hydra", job_log}:
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)
+    here = Path.cwd().resolve()
+    for parent in output_dir.resolve().parents:
+        if parent == here or here not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def _sigterm_as_interrupt(signum, frame):

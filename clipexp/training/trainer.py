@@ -278,13 +278,15 @@ class Trainer:
                 lr = lr_at(self.global_step, t.learning_rate, plan.warmup_steps, plan.total_steps)
                 set_lr(self.optimizer, lr)
                 if self.temperature_schedule.schedule_type != "constant":
-                    self.loss_fn.temperature = self.temperature_schedule.step(self.global_step, loss=window_loss[-1] if window_loss else None)
+                    self.loss_fn.temperature = self.temperature_schedule.step(self.global_step)
 
                 batch = next(batches)
                 out = self.step(batch)
                 self.global_step += 1
                 self.batch_in_epoch += 1  # the position moves with the step it fed: an interrupted step is fed again on resume
                 window_loss.append(float(out["loss"]))
+                if self.temperature_schedule.schedule_type == "adaptive":  # every step's loss, once, before a checkpoint saves it
+                    self.temperature_schedule.step(self.global_step, loss=window_loss[-1])
                 window_samples += batch["pixel_values"].shape[0] * self.dist.world_size  # the global batch
                 progress.update(1)
 

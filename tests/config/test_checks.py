@@ -42,10 +42,17 @@ def test_monitor_is_checked_against_what_the_run_logs(compose_cfg, overrides, me
         compose_cfg("model=tiny", *overrides)
 
 
-def test_monitors_the_presets_use_pass(compose_cfg):
-    compose_cfg("experiment=quickstart")
-    compose_cfg("model=tiny", "trainer.ema.decay=0.5", "trainer.monitor=ema/val/loss", "trainer.monitor_mode=min")
-    compose_cfg("model=tiny", "eval_data=textile", "trainer.monitor=retention/zeroshot_acc")
+@pytest.mark.parametrize("overrides,monitor,mode", [
+    (["experiment=quickstart"], "val/zeroshot_balanced_acc", "max"),
+    (["experiment=smoke"], "val/t2i_R1", "max"),
+    (["model=tiny", "trainer.ema.decay=0.5", "trainer.monitor=ema/val/loss", "trainer.monitor_mode=min"], "ema/val/loss", "min"),
+    (["model=tiny", "eval_data=textile", "trainer.monitor=retention/zeroshot_acc"], "retention/zeroshot_acc", "max"),
+])
+def test_monitors_the_presets_use_pass(compose_cfg, overrides, monitor, mode):
+    """Each is accepted, and is a metric that every evaluation of that run logs (so best.pt and early stopping have it)."""
+    cfg = compose_cfg(*overrides)
+    assert (cfg.trainer.monitor, cfg.trainer.monitor_mode) == (monitor, mode)
+    assert monitor in eval_metric_names(cfg)
 
 
 def test_known_keys_reach_optional_sections():

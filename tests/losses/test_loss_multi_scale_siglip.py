@@ -31,6 +31,28 @@ def test_multi_scale_by_hand(s2_pair):
     assert out["temperature"].item() == pytest.approx(1.0)
 
 
+def multi_positive_3x3(temperature: float, lse) -> float:
+    """The symmetric multi-positive InfoNCE on S3 with groups (0, 0, 1) at ``temperature``, term by term: samples 0
+    and 1 share a caption, so rows 0 and 1 (and columns 0 and 1) each have two positives, whose mean logit is the target."""
+    t = temperature
+    rows = [lse(.8 / t, .36 / t, .48 / t) - (.8 + .36) / 2 / t,
+            lse(.6 / t, .48 / t, .64 / t) - (.6 + .48) / 2 / t,
+            lse(.0 / t, .8 / t, .6 / t) - .6 / t]
+    columns = [lse(.8 / t, .6 / t, .0 / t) - (.8 + .6) / 2 / t,
+               lse(.36 / t, .48 / t, .8 / t) - (.36 + .48) / 2 / t,
+               lse(.48 / t, .64 / t, .6 / t) - .6 / t]
+    return (sum(rows) / 3 + sum(columns) / 3) / 2
+
+
+def test_multi_scale_with_repeated_captions_by_hand(s3_pair, lse):
+    """Multi-positive targets at every scale: a loss that used them at the first scale only (the diagonal at the
+    others) gives 0.25 * this + 0.75 * the plain 3x3 loss at T=0.5, which differs by ~0.2."""
+    image, text = s3_pair
+    out = MultiScaleLoss(scales=[1.0, 0.5], base_temperature=1.0, scale_weights=[1.0, 3.0])(image, text, group_ids=torch.tensor([7, 7, 2]))
+    torch.testing.assert_close(out["scale_losses"], torch.tensor([multi_positive_3x3(1.0, lse), multi_positive_3x3(0.5, lse)]), rtol=1e-6, atol=0)
+    assert out["loss"].item() == pytest.approx(0.25 * multi_positive_3x3(1.0, lse) + 0.75 * multi_positive_3x3(0.5, lse), rel=1e-6)
+
+
 def test_multi_scale_unnormalised_weights(s2_pair):
     image, text = s2_pair
     out = MultiScaleLoss(scales=[1.0, 0.5], base_temperature=1.0, scale_weights=[1.0, 3.0],

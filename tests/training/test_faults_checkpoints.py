@@ -90,11 +90,18 @@ def _one_line(err: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------ format
 def test_every_checkpoint_loads_with_weights_only(base_run):
+    from clipexp.training.checkpoint import FORMAT
+
     files = sorted((base_run / "run" / "checkpoints").glob("*.pt"))
     assert [f.name for f in files] == ["best.pt", "step_0000002.pt", "step_0000004.pt", "step_0000006.pt"]
+    summary = json.loads((base_run / "run" / "metrics.json").read_text())
     for f in files:
         state = torch.load(f, map_location="cpu", weights_only=True)  # plain types and tensors only
-        assert isinstance(state["model"], dict) and state["step"] in (2, 4, 6) or f.name == "best.pt"
+        assert state["model"] and all(isinstance(v, torch.Tensor) for v in state["model"].values()), f.name
+        if f.name == "best.pt":  # the weights of the best evaluation, with what made them the best
+            assert (state["step"], state["monitor"], state["value"]) == (summary["best_step"], "val/t2i_R1", summary["best_value"])
+        else:  # a step checkpoint: its own step, in the current format
+            assert state["step"] == int(f.stem.split("_")[1]) and state["format"] == FORMAT, f.name
         # each with its sha256 manifest beside it, in sha256sum's format
         assert (f.parent / f"{f.name}.sha256").read_text() == f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n"
 
@@ -186,17 +193,23 @@ def test_flipped_byte_in_tensor_data_is_detected_and_latest_falls_back(work, cap
 
 # ------------------------------------------------------------------------------------ disk full
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_the_run(work, monkeypatch):
-    """A writer that fills the disk half-way through step 4's checkpoint (what ENOSPC looks like)."""
+    """A writer that fills the disk half-way through step 4's checkpoint (what ENOSPC looks like; the same fault from the
+    kernel, through the CLI: tests/training/test_faults_midrun.py)."""
+    import io
+
     from clipexp.errors import WriteError
 
     fresh = work / "fresh"
     real_save = torch.save
 
     def save_until_the_disk_is_full(obj, f, *args, **kwargs):
-        if "step_0000004" in str(f):
-            real_save(obj, f, *args, **kwargs)
-            Path(f).write_bytes(Path(f).read_bytes()[:1000])  # what got onto the disk before it filled
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        name = str(getattr(f, "name", f))  # a path, or the file it opened
+        if "step_0000004" in name:
+            whole = io.BytesIO()
+            real_save(obj, whole, *args, **kwargs)
+            with open(name, "r+b") as out:
+                out.write(whole.getvalue()[:1000])  # what got onto the disk before it filled
+            raise OSError(errno.ENOSPC, "No space left on device", name)
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
