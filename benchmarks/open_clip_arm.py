@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 # --precision of throughput.py -> open_clip_train's --precision (autocast + fp32 weights, as clipexp)
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
@@ -99,19 +100,18 @@ class _Done(Exception):
     """Raised after the last timed step: the rest of open_clip's epoch is not wanted."""
 
 
-def run_timed(argv: List[str], total: int, on_mark: Callable[[], None]) -> List[float]:
+def run_timed(argv: List[str], total: int, marks: Set[int] = frozenset(), on_mark: Callable[[int], None] = lambda step: None) -> List[float]:
     """Run ``open_clip_train.main(argv)`` and stop it after ``total`` optimizer steps; returns the
-    ``time.perf_counter()`` after each step. ``on_mark()`` runs right before a stamp is taken when
-    ``on_mark.steps`` (a set of 1-based step numbers) holds that step (a device sync, CPU seconds)."""
+    ``time.perf_counter()`` after each step. ``on_mark(step)`` runs right before the stamp of each step in
+    ``marks`` (1-based: a device sync, CPU seconds)."""
     import open_clip_train.main as oc_main
 
     stamps: List[float] = []
-    marks = getattr(on_mark, "steps", set())
     real_epoch = oc_main.train_one_epoch
 
     def stamp() -> None:
         if len(stamps) + 1 in marks:
-            on_mark()
+            on_mark(len(stamps) + 1)
         stamps.append(time.perf_counter())
         if len(stamps) >= total:
             raise _Done
@@ -133,15 +133,31 @@ def run_timed(argv: List[str], total: int, on_mark: Callable[[], None]) -> List[
             delattr(target, name)  # the instance attribute goes; the class's method shows again
 
     oc_main.train_one_epoch = timed_epoch
+    # open_clip's setup_logging adds handlers to the root logger and sets every logger's level: put them back after
+    root = logging.getLogger()
+    handlers, levels = list(root.handlers), {name: lg.level for name, lg in _loggers()}
     try:
         oc_main.main(argv)
     except _Done:
         pass
     finally:
         oc_main.train_one_epoch = real_epoch
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        for name, lg in _loggers():
+            lg.setLevel(levels.get(name, logging.NOTSET))
     if len(stamps) < total:
         raise RuntimeError(f"open_clip's trainer stopped after {len(stamps)} of {total} steps")
     return stamps
+
+
+def _loggers():
+    yield "", logging.getLogger()
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger):
+            yield name, lg
 
 
 def epochs_for(total_steps: int, train_pairs: int, batch_size: int) -> int:
