@@ -12,8 +12,8 @@ trains a few steps of the tiny model on the smoke set's real textile images (bat
 * fp16 autocast + GradScaler (on CPU: torch's fp16 autocast and CPU GradScaler, which clipexp does not offer
   there; the test enables them), with the scale growing after every good step so that overflows, skipped
   steps and the scale's state matter at every step: a skipped step leaves every parameter as it was and
-  halves the scale, and a resume from the step-2 checkpoint ends bit-identical to the uninterrupted run, scaler
-  state included. The step-1 loss (one fp16 forward) is within 4 units of fp16 roundoff of fp32's.
+  halves the scale, and a resume from the step-3 checkpoint ends bit-identical to the uninterrupted run, scaler
+  state included (the checkpoint's scale is not a fresh scaler's, so a resume that dropped it would show). The step-1 loss (one fp16 forward) is within 4 units of fp16 roundoff of fp32's.
 * AdamW (fused on CUDA, as clipexp runs it there): two steps equal a float64 textbook AdamW (decoupled weight
   decay, bias correction) applied to the gradients the trainer handed the optimizer, within ``ADAMW_REL`` (16
   float32 eps) of each tensor's largest entry; measured 1.8 eps. L2 instead of decoupled decay is off by 1.6e5
@@ -58,11 +58,12 @@ class _Stop(Exception):
     pass
 
 
-def train(tmp_path: Path, device: str, *overrides: str, steps: int = 3, stop_after: int = 0) -> SimpleNamespace:
-    """Train ``steps`` steps on ``device`` and record the parameters before and after, each step's loss,
-    the scaler's (scale, growth tracker) after each step, and what the optimizer was handed at each step
-    (gradients, and per group lr / weight decay / betas / eps). ``stop_after``: leave the loop after that many
-    steps (no evaluation, no finish: a compiled model would compile its evaluation graphs too)."""
+def train(tmp_path: Path, device: str, *overrides: str, steps: int = 3) -> SimpleNamespace:
+    """Train a run of ``steps`` steps on ``device`` and record the parameters before and after, each step's
+    loss, the scaler's (scale, growth tracker) after each step, and what the optimizer was handed at each step
+    (gradients, and per group lr / weight decay / betas / eps). The loop is left right after the last
+    optimizer step: the evaluation, checkpoint and outputs that follow are not what these tests check (and a
+    compiled model would compile its evaluation graphs too)."""
     cfg = compose_and_validate([*BASE, f"device.type={device}", f"trainer.max_steps={steps}", *overrides])
     trainer = Trainer(cfg, tmp_path).setup()
     rec = SimpleNamespace(trainer=trainer, scales=[], handed=[], after_step=[], losses=[])
@@ -81,7 +82,7 @@ def train(tmp_path: Path, device: str, *overrides: str, steps: int = 3, stop_aft
         out = update(*a, **k)
         rec.scales.append((trainer.scaler.get_scale(), int(trainer.scaler._growth_tracker)) if trainer.scaler.is_enabled() else None)
         rec.after_step.append(_params(trainer.model))
-        if len(rec.after_step) == stop_after:
+        if trainer.step + 1 == steps:  # (the trainer counts the step after this call)
             raise _Stop
         return out
 
@@ -160,14 +161,15 @@ def _max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp16_grad_scaler_skips_overflows_and_resumes_exactly(tmp_path, device, fp16_everywhere, fp32_runs):
-    fp16 = ["device.precision=fp16", "trainer.save_steps=2", "trainer.keep_last=10"]
+    fp16 = ["device.precision=fp16", "trainer.save_steps=3", "trainer.keep_last=10"]
     whole = train(tmp_path / "whole", device, *fp16, steps=6)
     assert whole.trainer.dev.precision == "fp16" and whole.trainer.scaler.is_enabled()
     # the GradScaler's maths: an overflowing step changes no parameter and halves the scale; a good one doubles it
     scales = [s for s, _ in [(65536.0, 0)] + whole.scales]
     states = [whole.before] + whole.after_step
     skipped = [i + 1 for i in range(6) if scales[i + 1] < scales[i]]
-    assert skipped and max(skipped) > 2, whole.scales  # overflows after the checkpoint too: its scale matters
+    assert skipped, whole.scales
+    assert whole.scales[2] != (65536.0, 0), whole.scales  # the step-3 checkpoint's scaler is not a fresh one: a resume must restore it
     for i in range(6):
         same = all(torch.equal(states[i][n], states[i + 1][n]) for n in states[i])
         assert same == (i + 1 in skipped), (i + 1, whole.scales)
@@ -177,13 +179,13 @@ def test_fp16_grad_scaler_skips_overflows_and_resumes_exactly(tmp_path, device, 
     assert abs(whole.losses[0] - ref.losses[0]) <= FP16_LOSS_REL * abs(ref.losses[0])
     assert whole.losses[0] != ref.losses[0]
 
-    # resume from the step-2 checkpoint: steps 3-6 again, into another folder
-    ckpt = tmp_path / "whole" / "checkpoints" / "step_0000002.pt"
+    # resume from the step-3 checkpoint: steps 4-6 again, into another folder
+    ckpt = tmp_path / "whole" / "checkpoints" / "step_0000003.pt"
     resumed = train(tmp_path / "resumed", device, *fp16, f"trainer.resume={ckpt}", steps=6)
-    assert resumed.trainer.step == 6 and resumed.scales == whole.scales[2:]
+    assert len(resumed.losses) == 3 and resumed.scales == whole.scales[3:]  # steps 4-6, the same scales
     assert resumed.trainer.scaler.state_dict() == whole.trainer.scaler.state_dict()
     if device == "cpu":  # exact: the same operations on the same numbers
-        assert resumed.losses == whole.losses[2:]
+        assert resumed.losses == whole.losses[3:]
         assert all(torch.equal(resumed.after[n], whole.after[n]) for n in whole.after)
     else:  # CUDA: as close as two uninterrupted runs are to each other (bit-identical when every kernel is deterministic)
         again = train(tmp_path / "again", device, *fp16, steps=6)
@@ -236,7 +238,7 @@ def test_compiled_step_matches_eager(tmp_path, device, fp32_runs):
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = train(tmp_path, device, "device.precision=fp32", "device.compile=true", stop_after=1)
+    compiled = train(tmp_path, device, "device.precision=fp32", "device.compile=true", steps=1)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both towers were captured
     eager = fp32_runs(device)
     assert math.isclose(compiled.losses[0], eager.losses[0], rel_tol=REORDER)
