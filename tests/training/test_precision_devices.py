@@ -104,6 +104,15 @@ def train(tmp_path: Path, device: str, *overrides: str, steps: int = 3) -> Simpl
     return rec
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _true_fp32():
+    """fp32 references in fp32: cuDNN may run fp32 convolutions in TF32 (10-bit mantissa) by default."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _params(model) -> Dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
 
