@@ -105,7 +105,8 @@ def model_spec(args) -> Dict[str, Any]:
     arch = dict(spec["arch"])
     if args.patch is not None:
         arch["patch_size"] = args.patch
-    family = spec.get("family", "hf") if spec.get("family") == "open_clip_conv" else (args.family or spec.get("family", "hf"))
+    own = spec.get("family", "hf")
+    family = own if own == "open_clip_conv" else (args.family or own)  # --family picks how a ViT is built
     return {"arch": arch, "resolution": args.resolution or spec["resolution"], "seq_len": 77, "family": family}
 
 
