@@ -91,7 +91,8 @@ def junit_results(path: Path) -> List[Dict[str, str]]:
             node = case.find(tag)
             if node is not None:
                 result = {"failure": "FAILED", "error": "ERROR", "skipped": "skipped"}[tag]
-                detail = (node.get("message") or node.text or "").strip().splitlines()[0][:300] if (node.get("message") or node.text) else ""
+                text = (node.get("message") or node.text or "").strip()
+                detail = text.splitlines()[0][:300] if text else ""
                 break
         rows.append({"test": name, "result": result, "seconds": f"{float(case.get('time', 0)):.1f}", "detail": detail})
     return rows
