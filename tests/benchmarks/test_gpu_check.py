@@ -65,3 +65,31 @@ def test_the_wheels_pinned_for_the_gpu_are_the_versions_installed_here():
              if ln.strip() and not ln.startswith("#")}
     assert not set(pins) & image and {"torch", "transformers", "timm", "pytest"} <= image
 
+
+
+def test_a_part_over_its_time_is_stopped_with_the_processes_it_started(tmp_path):
+    """The benchmark runs its measurements in processes of their own: at the timeout they go too."""
+    import os
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "print('started', flush=True)\n"
+              "time.sleep(60)\n")
+    t0 = time.perf_counter()
+    code, out = gpu_check.run_bounded([sys.executable, "-c", script], timeout=5)
+    assert code == "timeout" and time.perf_counter() - t0 < 30
+    assert out.startswith("started") and out.rstrip().endswith("stopped after 5 s")
+    child = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init once killed
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} still runs")
