@@ -621,7 +621,9 @@ def ratios(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
         b = [r["samples_per_s"] for r in results[den]]
         per = [x / y for x, y in zip(a, b)]
         value = statistics.median(a) / statistics.median(b)
-        out.append({"name": f"{num}/{DEN_NAMES.get(den, den)}", "value": value, "per_repeat": per,
+        # the same ratio in CPU time (CPU ms per sample of den / of num): what a busy machine's contention leaves alone
+        cpu = [statistics.median(r["cpu_ms_per_sample"] for r in results[k]) for k in (num, den)]
+        out.append({"name": f"{num}/{DEN_NAMES.get(den, den)}", "value": value, "per_repeat": per, "cpu": cpu[1] / cpu[0],
                     "best": max(a) / max(b), "target": target, "ok": None if target is None else value >= target, "why": why})
     return out
 
@@ -694,7 +696,7 @@ def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> 
         per = r["per_repeat"]
         rng = f" (per repeat {min(per):.2f}-{max(per):.2f})" if len(per) > 1 else ""
         tail = (f"target >= {r['target']:.2f}: {'ok' if r['ok'] else 'BELOW TARGET'}" if r["target"] is not None else f"({r['why']})")
-        print(f"{r['name']} = {r['value']:.2f}{rng}, best/best {r['best']:.2f}   {tail}")
+        print(f"{r['name']} = {r['value']:.2f}{rng}, best/best {r['best']:.2f}, in CPU time {r['cpu']:.2f}   {tail}")
     if first["a"] and first["a"].get("history_samples_per_s"):
         hist = [r["history_samples_per_s"] for r in results["a"]]
         print(f"(a) cross-check: the trainer's own train/samples_per_s over the same steps: {_spread(hist).strip()}")

@@ -181,15 +181,16 @@ def test_open_clips_trainer_is_stopped_after_the_timed_steps(tmp_path):
 
 
 def test_ratios_pair_the_repeats_in_the_order_they_ran():
-    def runs(*values):
-        return [{"samples_per_s": v} for v in values]
+    def runs(*values, cpu=1.0):
+        return [{"samples_per_s": v, "cpu_ms_per_sample": cpu} for v in values]
 
-    got = {r["name"]: r for r in throughput.ratios({"a": runs(100.0, 120.0, 90.0), "b": runs(110.0, 100.0, 100.0),
+    got = {r["name"]: r for r in throughput.ratios({"a": runs(100.0, 120.0, 90.0, cpu=4.0), "b": runs(110.0, 100.0, 100.0, cpu=3.0),
                                                       "b1": runs(50.0, 50.0, 50.0), "d": runs(125.0, 80.0, 100.0)})}
     assert set(got) == {"a/b", "a/b'", "a/d"}                          # c and a0 did not run
     assert got["a/b"]["value"] == pytest.approx(100 / 100) and got["a/b"]["ok"] is True
     assert got["a/b"]["per_repeat"] == pytest.approx([100 / 110, 120 / 100, 90 / 100])
     assert got["a/b"]["best"] == pytest.approx(120 / 110)
+    assert got["a/b"]["cpu"] == pytest.approx(3.0 / 4.0)  # a spends more CPU per sample than b: below 1
     assert got["a/d"]["value"] == pytest.approx(100 / 100) and got["a/d"]["target"] == 1.0
     assert got["a/b'"]["value"] == pytest.approx(2.0) and got["a/b'"]["ok"] is None
     below = throughput.ratios({"a": runs(90.0), "d": runs(100.0)})[0]
