@@ -183,7 +183,7 @@ def carry_size(extra: Path, limit_mib: float) -> int:
     print(f"carried: tree {tree / 2**20:.1f} MiB + {extra} {wheels / 2**20:.1f} MiB = {total / 2**20:.1f} MiB "
           f"(limit {limit_mib:g} MiB of the device call's 64)")
     if total > limit_mib * 2**20:
-        print(f"too large: carry less (a smaller data package, fewer wheels)", file=sys.stderr)
+        print("too large: carry less (a smaller data package, fewer wheels)", file=sys.stderr)
         return 1
     return 0
 
