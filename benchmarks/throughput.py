@@ -50,13 +50,20 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):  # clipexp, and this script's sibling modules when imported from elsewhere
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 RESULT_MARK = "THROUGHPUT_RESULT "
 
-# ViT sizes per --model. "small": the CPU target of the issue (4+4 layers, width 256).
+# Model sizes per --model. "small": the CPU target of the issue (4+4 layers, width 256). ``family``: how clipexp
+# builds it: "hf" (HF CLIPModel, byte-level tokenizer; --family open_clip builds the same ViT in open_clip's
+# modules) or "open_clip_conv" (conf/model/tiny_open_clip.yaml: open_clip's ModifiedResNet + its BPE tokenizer).
 MODELS: Dict[str, Dict[str, Any]] = {
+    "tiny_open_clip": dict(resolution=64, family="open_clip_conv",
+                           arch=dict(projection_dim=64, patch_size=8, vision_hidden_size=64, vision_layers=2, vision_heads=2,
+                                     vision_intermediate_size=128, text_hidden_size=64, text_layers=2, text_heads=2,
+                                     text_intermediate_size=128)),
     "tiny": dict(resolution=64, arch=dict(projection_dim=64, patch_size=8, vision_hidden_size=64, vision_layers=2, vision_heads=2,
                                           vision_intermediate_size=128, text_hidden_size=64, text_layers=2, text_heads=2,
                                           text_intermediate_size=128)),
@@ -98,7 +105,46 @@ def model_spec(args) -> Dict[str, Any]:
     arch = dict(spec["arch"])
     if args.patch is not None:
         arch["patch_size"] = args.patch
-    return {"arch": arch, "resolution": args.resolution or spec["resolution"], "seq_len": 77}
+    own = spec.get("family", "hf")
+    family = own if own == "open_clip_conv" else (args.family or own)  # --family picks how a ViT is built
+    return {"arch": arch, "resolution": args.resolution or spec["resolution"], "seq_len": 77, "family": family}
+
+
+def open_clip_config(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The model as an open_clip model config (what (d) trains, and clipexp with ``--family open_clip``)."""
+    from open_clip_arm import model_config
+
+    return model_config(spec["family"], spec["arch"], spec["resolution"], spec["seq_len"])
+
+
+def counted_flops_per_sample(config: Dict[str, Any], resolution: int, seq_len: int) -> Dict[str, float]:
+    """Matmul, convolution and attention FLOPs of one sample's forward through an open_clip model built from
+    ``config``, counted by ``torch.utils.flop_counter`` (2 x MACs, as :func:`flops_per_sample`); training =
+    3 x forward. In train mode with autograd on: ``nn.MultiheadAttention``'s inference fast path is one op the
+    counter does not see; CPU's attention kernel is counted with the counter's own SDPA formula (a ViT's
+    count then equals :func:`flops_per_sample` exactly, tested)."""
+    import torch
+    from open_clip.model import CLIP
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(query_shape, key_shape, value_shape, *_, out_shape=None, **__):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    model = CLIP(embed_dim=config["embed_dim"], vision_cfg=config["vision_cfg"], text_cfg=config["text_cfg"]).train()
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: sdpa} if cpu_sdpa is not None else None)
+    with counter:
+        model.encode_image(torch.zeros(1, 3, resolution, resolution))
+        model.encode_text(torch.ones(1, seq_len, dtype=torch.long))
+    forward = float(counter.get_total_flops())
+    return {"forward": forward, "train": 3 * forward, "vision_tokens": None, "text_tokens": seq_len}
+
+
+def spec_flops(spec: Dict[str, Any]) -> Dict[str, float]:
+    """FLOPs per sample of the benchmark model: by formula for a ViT, counted for the conv tower."""
+    if spec["family"] == "open_clip_conv":
+        return counted_flops_per_sample(open_clip_config(spec), spec["resolution"], spec["seq_len"])
+    return flops_per_sample(spec["arch"], spec["resolution"], spec["seq_len"])
 
 
 def flops_per_sample(arch: Dict[str, int], resolution: int, seq_len: int) -> Dict[str, float]:
@@ -205,13 +251,32 @@ def _device_info(device: str) -> Dict[str, Any]:
     return {"device_name": f"{name} ({os.cpu_count()} cores)"}
 
 
-def _clipexp_overrides(args, spec) -> List[str]:
+def _model_overrides(args, spec) -> List[str]:
+    """clipexp's model section for the benchmark model: HF CLIP (``model=tiny`` at these sizes), the
+    tiny_open_clip conv model at these sizes, or (``--family open_clip``) the ViT that
+    :func:`prepare_process` registered with open_clip in this process."""
     arch = [f"model.architecture.{k}={v}" for k, v in spec["arch"].items()]
+    common = [f"model.name=bench_{args.model}", f"model.image_resolution={spec['resolution']}",
+              f"model.max_sequence_length={spec['seq_len']}"]
+    if spec["family"] == "open_clip_conv":
+        return ["model=tiny_open_clip", *common, *arch]
+    if spec["family"] == "open_clip":
+        return ["model=open_clip", *common, f"model.arch={args.open_clip_model}", "model.pretrained=null"]
+    return ["model=tiny", *common, *arch]
+
+
+def _data_overrides(args) -> List[str]:
+    """The textile set (its 3 templated captions), or with ``--captions unique`` the same images from the CSV
+    :func:`prepare_process` wrote for this process (one caption per image)."""
+    if args.captions == "unique":
+        return ["data=csv", f"data.path={args.unique_csv}", "data.allow_outside_root=true"]
+    return ["data=textile"]
+
+
+def _clipexp_overrides(args, spec) -> List[str]:
     steps = args.warmup + args.steps
     out = [
-        "model=tiny", f"model.name=bench_{args.model}", f"model.image_resolution={spec['resolution']}",
-        f"model.max_sequence_length={spec['seq_len']}", *arch,
-        "data=textile", f"domain={args.domain}", "tracking.enabled=false",
+        *_model_overrides(args, spec), *_data_overrides(args), f"domain={args.domain}", "tracking.enabled=false",
         f"device.type={args.device}", f"device.precision={args.precision}",
         f"trainer.batch_size={args.batch_size}", f"trainer.max_steps={steps}", "trainer.warmup_steps=0",
         "trainer.learning_rate=1e-4", "trainer.eval_at_start=false",
@@ -438,10 +503,76 @@ def measure_clipexp_unpacked(args) -> Dict[str, Any]:
     return measure_clipexp(args, ("trainer.pack_captions=false",))
 
 
-MEASURES = {"a": measure_clipexp, "a0": measure_clipexp_unpacked, "b": measure_bare, "b1": measure_bare, "c": measure_hf}
+# --------------------------------------------------------------------------------------------------
+# (d) open_clip's own trainer
+# --------------------------------------------------------------------------------------------------
+
+
+def measure_open_clip(args) -> Dict[str, Any]:
+    """open_clip_train.main on (a)'s model, train split, batch, loader workers, CPU threads and precision
+    (see open_clip_arm.py); timed as (a)."""
+    import torch
+
+    from clipexp.training.data import default_train_workers, train_threads
+    from open_clip_arm import epochs_for, register, run_timed, train_argv, write_train_csv
+
+    spec = model_spec(args)
+    run = clipexp_setup(args, images_on_disk=True)  # the same training pairs as (a) (same source, seed and split)
+    train, t = run.data.train, run.cfg.trainer
+    cores = os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else default_train_workers(cores, args.device)
+    if args.device == "cpu":  # (a)'s rule (clipexp.training.data.train_threads), or --trainer-threads as (a)
+        torch.set_num_threads(args.trainer_threads or train_threads(cores, workers))
+    total = args.warmup + args.steps
+    cpu: List[float] = []
+
+    def mark(step: int) -> None:
+        _sync(args.device)
+        cpu.append(cpu_seconds())
+
+    with tempfile.TemporaryDirectory(prefix="clipexp_open_clip_") as tmp, MemoryWatch() as mem:
+        work = Path(tmp)
+        name = register(args.model, open_clip_config(spec), work)
+        csv_path = write_train_csv(work / "train.tsv", train.image_paths, train.captions)
+        argv = train_argv(model=name, train_csv=csv_path, logs=work / "logs", batch_size=args.batch_size, workers=workers,
+                          precision=args.precision, device=args.device, epochs=epochs_for(total, len(train), args.batch_size),
+                          lr=1e-4, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                          grad_clip=t.max_grad_norm if t.max_grad_norm > 0 else None, seed=args.seed)
+        del run  # clipexp's copy of the model and data: not part of open_clip's memory
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        stamps = run_timed(argv, total, {args.warmup, total}, mark)
+    elapsed = stamps[total - 1] - stamps[args.warmup - 1]
+    samples = args.steps * args.batch_size
+    result = {"samples_per_s": samples / elapsed, "step_s": elapsed / args.steps, "cpu_ms_per_sample": 1e3 * (cpu[-1] - cpu[0]) / samples,
+              "threads": torch.get_num_threads(), "workers": workers, "train_pairs": len(train), "precision": args.precision,
+              "open_clip_precision": argv[argv.index("--precision") + 1], **mem.result()}
+    if args.device == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+MEASURES = {"a": measure_clipexp, "a0": measure_clipexp_unpacked, "b": measure_bare, "b1": measure_bare, "c": measure_hf,
+            "d": measure_open_clip}
 LABELS = {"a": "(a) clipexp Trainer, end to end", "a0": "(a0) clipexp, pack_captions=false",
           "b": "(b) bare model step (tensors)", "b1": "(b') bare step, trainer's threads",
-          "c": "(c) HF transformers.Trainer + PIL"}
+          "c": "(c) HF transformers.Trainer + PIL", "d": "(d) open_clip_train (its CSV data)"}
+
+
+def prepare_process(args, workdir: Path) -> None:
+    """What a measuring process needs before it composes a config: with ``--captions unique`` the CSV of the
+    textile images with distinct captions (``args.unique_csv``); with ``--family open_clip`` the benchmark ViT
+    registered with open_clip (``args.open_clip_model``). Files go to ``workdir``."""
+    from bench_data import write_unique_caption_csv
+
+    args.unique_csv = args.open_clip_model = None
+    if args.captions == "unique":
+        args.unique_csv = write_unique_caption_csv(workdir / "unique_captions.csv")
+    spec = model_spec(args)
+    if spec["family"] == "open_clip":
+        from open_clip_arm import register
+
+        args.open_clip_model = register(args.model, open_clip_config(spec), workdir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,68 +600,102 @@ def _spread(values: List[float]) -> str:
     return f"{med:8.2f}  [{min(values):.2f}-{max(values):.2f}]"
 
 
-def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> None:
-    spec = model_spec(args)
+# (numerator, denominator, target or None, what the ratio says)
+RATIOS = [("a", "b", 0.90, ""), ("a", "b1", None, "same compute threads: the trainer's own overhead"),
+          ("a", "c", 1.30, ""), ("a0", "c", None, "without caption packing"), ("a", "a0", None, "what caption packing gives"),
+          ("a", "d", 1.00, "")]
+DEN_NAMES = {"b1": "b'"}
+
+
+def ratios(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Each ratio of :data:`RATIOS` whose two measurements ran: median / median, the per-repeat range (the
+    repeats paired in the order they ran: interleaved, so each pair shared the machine's state), best / best,
+    and whether it meets its target."""
+    out = []
+    for num, den, target, why in RATIOS:
+        if not results.get(num) or not results.get(den):
+            continue
+        a = [r["samples_per_s"] for r in results[num]]
+        b = [r["samples_per_s"] for r in results[den]]
+        per = [x / y for x, y in zip(a, b)]
+        value = statistics.median(a) / statistics.median(b)
+        # the same ratio in CPU time (CPU ms per sample of den / of num): what a busy machine's contention leaves alone
+        cpu = [statistics.median(r["cpu_ms_per_sample"] for r in results[k]) for k in (num, den)]
+        out.append({"name": f"{num}/{DEN_NAMES.get(den, den)}", "value": value, "per_repeat": per, "cpu": cpu[1] / cpu[0],
+                    "best": max(a) / max(b), "target": target, "ok": None if target is None else value >= target, "why": why})
+    return out
+
+
+def _model_line(args, spec: Dict[str, Any], fl: Dict[str, float], params: Optional[float]) -> str:
     a = spec["arch"]
-    fl = flops_per_sample(a, spec["resolution"], spec["seq_len"])
+    text = f"text {a['text_layers']} layers x {a['text_hidden_size']} ({spec['seq_len']} tokens), projection {a['projection_dim']}"
+    if spec["family"] == "open_clip_conv":
+        vc = open_clip_config(spec)["vision_cfg"]
+        vision = f"open_clip ModifiedResNet (blocks {vc['layers']}, stem width {vc['width']}, {spec['resolution']} px)"
+    else:
+        built = {"hf": "HF CLIPModel", "open_clip": "open_clip VisionTransformer"}[spec["family"]]
+        vision = (f"{built}: vision {a['vision_layers']} layers x {a['vision_hidden_size']} (patch {a['patch_size']}, "
+                  f"{spec['resolution']} px, {fl['vision_tokens']} tokens)")
+    return f"model   {args.model}: {vision}, {text}" + (f"; {params / 1e6:.2f}M parameters" if params else "")
+
+
+def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> Dict[str, Any]:
+    """Print the table and the ratios; returns them (``--json``)."""
+    spec = model_spec(args)
+    fl = spec_flops(spec)
     params = next((r["params"] for k in ("b", "b1") for r in results.get(k, [])), None)
     precision = next((r["precision"] for k in ("a", "b") for r in results.get(k, [])), args.precision)
+    how = "matmuls and convolutions counted by torch.utils.flop_counter" if spec["family"] == "open_clip_conv" else "matmuls"
     print()
-    print(f"model   {args.model}: vision {a['vision_layers']} layers x {a['vision_hidden_size']} (patch {a['patch_size']}, "
-          f"{spec['resolution']} px, {fl['vision_tokens']} tokens), text {a['text_layers']} layers x {a['text_hidden_size']} "
-          f"({spec['seq_len']} tokens), projection {a['projection_dim']}"
-          + (f"; {params / 1e6:.2f}M parameters" if params else ""))
-    print(f"        {fl['train'] / 1e9:.2f} GFLOP per sample per training step (matmuls, 3 x forward {fl['forward'] / 1e9:.2f})")
+    print(_model_line(args, spec, fl, params))
+    print(f"        {fl['train'] / 1e9:.3f} GFLOP per sample per training step ({how}, 3 x forward {fl['forward'] / 1e9:.3f})")
     print(f"run     batch {args.batch_size}, {precision}, {args.device}: {device_name}; {args.steps} timed steps after "
           f"{args.warmup} warm-up; {args.repeats} repeat(s), interleaved, each measurement in its own process")
-    first_a = next(iter(results.get("a", [])), None)
-    c0 = next(iter(results.get("c", [])), None)
-    data = f"data    textile JPEGs ({(first_a or c0 or {}).get('train_pairs', '?')} train pairs), domain={args.domain} augmentation in (a)"
-    if first_a:
-        data += f"; (a): {first_a['workers']} loader worker(s), {first_a['threads']} torch thread(s), image cache {first_a['cache']}"
-    b0 = next(iter(results.get("b", [])), None)
-    if b0:
-        data += f"; (b): {b0['threads']} thread(s)"
-    b1 = next(iter(results.get("b1", [])), None)
-    if b1:
-        data += f"; (b'): {b1['threads']} thread(s)"
-    if c0:
-        data += f"; (c): {c0['workers']} loader worker(s), {c0['threads']} thread(s), optim {c0['optim']}"
+    first = {k: next(iter(results.get(k, [])), None) for k in MEASURES}
+    captions = "one distinct caption per image (--captions unique)" if args.captions == "unique" else "the set's 3 class captions"
+    pairs = next((r["train_pairs"] for r in first.values() if r and "train_pairs" in r), "?")
+    data = f"data    textile JPEGs ({pairs} train pairs), {captions}, domain={args.domain} augmentation in (a)"
+    if first["a"]:
+        data += f"; (a): {first['a']['workers']} loader worker(s), {first['a']['threads']} torch thread(s), image cache {first['a']['cache']}"
+    for k, name in (("b", "(b)"), ("b1", "(b')")):
+        if first[k]:
+            data += f"; {name}: {first[k]['threads']} thread(s)"
+    if first["c"]:
+        data += f"; (c): {first['c']['workers']} loader worker(s), {first['c']['threads']} thread(s), optim {first['c']['optim']}"
+    if first["d"]:
+        data += (f"; (d): {first['d']['workers']} loader worker(s), {first['d']['threads']} thread(s), "
+                 f"--precision {first['d']['open_clip_precision']}")
     print(data)
     print()
     mem_key = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     mem_label = "peak CUDA MB" if args.device == "cuda" else "peak RSS MB (+workers)"
     print(f"{'':36}{'samples/s median [min-max]':>30}{'s/step':>9}{'CPU ms/sample':>15}{mem_label:>26}{'TFLOP/s':>9}{'MFU':>8}")
     peak = args.peak_tflops or (peak_tflops(device_name, precision) if args.device == "cuda" else None)
-    medians = {}
-    for k in ("a", "a0", "b", "b1", "c"):
+    rows = {}
+    for k in ("a", "a0", "b", "b1", "c", "d"):
         rs = results.get(k)
         if not rs:
             continue
         sps = [r["samples_per_s"] for r in rs]
-        medians[k] = statistics.median(sps)
-        tflops = medians[k] * fl["train"] / 1e12
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        median = statistics.median(sps)
+        tflops = median * fl["train"] / 1e12
+        mfu = 100 * tflops / peak if peak else None
         mem = max(r[mem_key] for r in rs)
         mem_s = f"{mem:.0f}" + (f" ({max(r['peak_tree_rss_mb'] for r in rs):.0f})" if args.device != "cuda" else "")
         cpu_ms = statistics.median(r["cpu_ms_per_sample"] for r in rs)
-        print(f"{LABELS[k]:36}{_spread(sps):>30}{statistics.median(r['step_s'] for r in rs):>9.3f}{cpu_ms:>15.1f}{mem_s:>26}"
-              f"{tflops:>9.3f}{mfu:>8}")
+        step_s = statistics.median(r["step_s"] for r in rs)
+        rows[k] = {"samples_per_s": sps, "median": median, "step_s": step_s, "cpu_ms_per_sample": cpu_ms, "peak_mb": mem,
+                   "tflops": tflops, "mfu_percent": mfu}
+        print(f"{LABELS[k]:36}{_spread(sps):>30}{step_s:>9.3f}{cpu_ms:>15.1f}{mem_s:>26}"
+              f"{tflops:>9.3f}{f'{mfu:.1f}%' if mfu is not None else 'n/a':>8}")
     print()
-    for num, den, target in (("a", "b", 0.90), ("a", "b1", None), ("a", "c", 1.30), ("a0", "c", None), ("a", "a0", None)):
-        if num in results and den in results:
-            per = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(results[num], results[den])]
-            rng = f" (per repeat {min(per):.2f}-{max(per):.2f})" if len(per) > 1 else ""
-            best = f", best/best {max(x['samples_per_s'] for x in results[num]) / max(y['samples_per_s'] for y in results[den]):.2f}"
-            name = "b'" if den == "b1" else den
-            why = {"b1": "same compute threads: the trainer's own overhead", "c": "without caption packing",
-                   "a0": "what caption packing gives"}.get(den, "")
-            if target is None:
-                print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   ({why})")
-            else:
-                verdict = "ok" if medians[num] / medians[den] >= target else "BELOW TARGET"
-                print(f"{num}/{name} = {medians[num] / medians[den]:.2f}{rng}{best}   target >= {target:.2f}: {verdict}")
-    if first_a and first_a.get("history_samples_per_s"):
+    found = ratios(results)
+    for r in found:
+        per = r["per_repeat"]
+        rng = f" (per repeat {min(per):.2f}-{max(per):.2f})" if len(per) > 1 else ""
+        tail = (f"target >= {r['target']:.2f}: {'ok' if r['ok'] else 'BELOW TARGET'}" if r["target"] is not None else f"({r['why']})")
+        print(f"{r['name']} = {r['value']:.2f}{rng}, best/best {r['best']:.2f}, in CPU time {r['cpu']:.2f}   {tail}")
+    if first["a"] and first["a"].get("history_samples_per_s"):
         hist = [r["history_samples_per_s"] for r in results["a"]]
         print(f"(a) cross-check: the trainer's own train/samples_per_s over the same steps: {_spread(hist).strip()}")
     if peak:
@@ -539,11 +704,19 @@ def report(args, results: Dict[str, List[Dict[str, Any]]], device_name: str) -> 
         print(f"MFU = achieved model TFLOP/s / {peak:g} TFLOP/s ({kind})")
     else:
         print("MFU: n/a (peak of this device unknown; pass --peak-tflops)")
+    return {"model": args.model, "family": spec["family"], "captions": args.captions, "device": device_name, "precision": precision,
+            "batch_size": args.batch_size, "gflop_per_sample_train": fl["train"] / 1e9, "rows": rows, "ratios": found,
+            "peak_tflops": peak, "runs": results}
 
 
 def parse_args(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--family", choices=["hf", "open_clip"], default=None,
+                   help="how clipexp builds a ViT model for (a)/(a0)/(b): hf = HF CLIPModel (default), open_clip = open_clip's "
+                        "modules at the same sizes, as (d) trains them (tiny_open_clip is always open_clip's)")
+    p.add_argument("--captions", choices=["template", "unique"], default="template",
+                   help="template: the textile set's 3 class captions; unique: one distinct caption per image")
     p.add_argument("--patch", type=int, default=None, help="override the model's patch size (small: 32)")
     p.add_argument("--resolution", type=int, default=None, help="image resolution (default: small/vit-b32-arch 224, tiny 64)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -552,12 +725,12 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--workers", type=int, default=None,
-                   help="loader workers for (a) and (c); default: each library's own (clipexp: its rule, HF: 0)")
+                   help="loader workers for (a), (c) and (d); default: clipexp's rule for (a) and (d), HF's 0 for (c)")
     p.add_argument("--domain", default="industrial", help="clipexp domain whose augmentation (a) applies (textile's: industrial)")
     p.add_argument("--repeats", type=int, default=2, help="run each measurement this many times (interleaved)")
-    p.add_argument("--only", default="a,a0,b,c",
+    p.add_argument("--only", default="a,a0,b,c,d",
                    help="which measurements, e.g. a,b (a0 = (a) with trainer.pack_captions=false; "
-                        "b1 = (b') the bare step with the trainer's CPU thread count)")
+                        "b1 = (b') the bare step with the trainer's CPU thread count; d = open_clip's trainer)")
     p.add_argument("--bare-threads", type=int, default=None, help="torch threads for (b) (default: torch's, all cores)")
     p.add_argument("--trainer-threads", type=int, default=None,
                    help="experiment: torch threads for (a) after setup (default: the trainer's choice, clipexp.training.trainer.default_train_threads)")
@@ -565,12 +738,18 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra clipexp config override for (a) and (b) (and the model of (c))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement process")
+    p.add_argument("--json", type=Path, default=None, help="also write the table and ratios to this JSON file")
     p.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
+    if args.family and MODELS[args.model].get("family") == "open_clip_conv":
+        p.error(f"--family does not apply to --model {args.model} (open_clip's conv tower: clipexp builds it with open_clip)")
+    unknown = [w for w in args.only.split(",") if w.strip() and w.strip() not in MEASURES]
+    if unknown:
+        p.error(f"--only {args.only}: unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(MEASURES)}")
     raw = list(sys.argv[1:] if argv is None else argv)
     args.argv = [x for i, x in enumerate(raw) if x != "--measure" and (i == 0 or raw[i - 1] != "--measure")]
     args.argv += ["--precision", args.precision]
@@ -581,7 +760,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     if args.measure:
         _quiet()
-        result = MEASURES[args.measure](args)
+        with tempfile.TemporaryDirectory(prefix="clipexp_bench_") as workdir:
+            prepare_process(args, Path(workdir))
+            result = MEASURES[args.measure](args)
         print(RESULT_MARK + json.dumps(result), flush=True)
         return
     _quiet()
@@ -589,6 +770,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     which = [w.strip() for w in args.only.split(",") if w.strip()]
     if args.device != "cpu" and "b1" in which:
         which.remove("b1")  # threads only matter on CPU
+    if model_spec(args)["family"] != "hf" and "c" in which:
+        which.remove("c")
+        print(f"(c) skipped: the HF Trainer arm trains an HF CLIPModel, and clipexp builds --model {args.model} "
+              f"{'with --family open_clip ' if args.family else ''}in open_clip's modules")
     results: Dict[str, List[Dict[str, Any]]] = {}
     failed: Dict[str, str] = {}
     for r in range(args.repeats):
@@ -605,7 +790,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             results.setdefault(w, []).append(res)
             print(f"repeat {r + 1}/{args.repeats} {LABELS[w]:36} {res['samples_per_s']:8.2f} samples/s "
                   f"({res['step_s']:.3f} s/step, process {res['wall_s']:.0f} s)", flush=True)
-    report(args, results, device_name)
+    summary = report(args, results, device_name)
+    if args.json:
+        summary["failed"] = failed
+        args.json.write_text(json.dumps(summary, indent=1))
     for w, why in failed.items():
         hint = " (the HF Trainer needs accelerate: pip install accelerate)" if w == "c" and "accelerate" in why.lower() else ""
         print(f"{LABELS[w]} failed: {why}{hint}")
