@@ -513,7 +513,8 @@ def measure_open_clip(args) -> Dict[str, Any]:
     (see open_clip_arm.py); timed as (a)."""
     import torch
 
-    from clipexp.training.data import default_train_workers, train_threads
+    from clipexp.data.dataloader import default_num_workers as default_train_workers
+    from clipexp.training.data import train_threads
     from open_clip_arm import epochs_for, register, run_timed, train_argv, write_train_csv
 
     spec = model_spec(args)
