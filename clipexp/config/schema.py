@@ -171,6 +171,7 @@ class TrainerConfig:
     accumulation: str = "plain"
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     weight_decay: float = 0.01
+    decay_embeddings: bool = False  # weight decay on token / position embeddings too (as open_clip's trainer); norms, biases, temperatures never
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.98  # AdamW beta2
     adam_eps: float = 1e-6  # AdamW epsilon
