@@ -138,30 +138,31 @@ def read_rows(path: Path) -> List[Dict[str, str]]:
 
 # ------------------------------------------------------------------------------------------------- scoring
 class Scorer:
-    """One evaluation for every model: open_clip's eval preprocessing of the model config, prompts per class."""
+    """One evaluation for every model (an ``open_clip.model.CLIP``): open_clip's eval preprocessing of the model
+    config and open_clip's own zero-shot classifier (``build_zero_shot_classifier``: each prompt's normalised text
+    embedding, averaged over a class's templates, normalised) on the test CSV's images."""
 
     def __init__(self, cfg, config_dir: Path, test_csv: Path):
         import open_clip
         import torch
         from PIL import Image
 
-        from clipexp.evaluate import class_text_embeddings
-
         register(config_dir)
         _, _, preprocess = open_clip.create_model_and_transforms(PEER_MODEL, precision="fp32", device="cpu")
         self.tokenizer = open_clip.get_tokenizer(PEER_MODEL)
         rows = read_rows(test_csv)
-        # class order and prompts: the CSV captions (one per class) and the domain's templates
-        caption_of = {r["label"]: r["title"] for r in rows}
+        caption_of = {r["label"]: r["title"] for r in rows}  # one fixed caption per class
         self.classes = sorted(caption_of)
         self.labels = torch.tensor([self.classes.index(r["label"]) for r in rows])
-        self.prompts = {"csv": ([caption_of[c] for c in self.classes], None),
+        # prompt set -> (one string per class, templates): the CSV captions as they are; the domain's templates
+        self.prompts = {"csv": ([caption_of[c] for c in self.classes], ["{}"]),
                         "domain": (list(self.classes), list(cfg.domain.prompt_templates))}
         self.pixels = torch.stack([preprocess(Image.open(r["filepath"])) for r in rows])
-        self._class_text_embeddings = class_text_embeddings
 
     def score(self, model) -> Dict[str, Any]:
-        """Balanced accuracy, accuracy and per-class recall of ``model`` (an open_clip CLIP) on the test images."""
+        """Balanced accuracy (mean per-class recall), accuracy and per-class recall of ``model`` on the test images;
+        keys without a prefix for the CSV captions as prompts, ``domain_...`` for the domain's templates."""
+        import open_clip
         import torch
         import torch.nn.functional as F
 
@@ -169,15 +170,13 @@ class Scorer:
         out: Dict[str, Any] = {}
         with torch.no_grad():
             images = F.normalize(model.encode_image(self.pixels).float(), dim=-1)
-            for name, (texts, templates) in self.prompts.items():
-                encode = lambda t: F.normalize(model.encode_text(self.tokenizer(t)).float(), dim=-1)  # noqa: E731
-                classes = (encode(texts) if templates is None
-                           else self._class_text_embeddings(encode, texts, templates))
-                pred = (images @ classes.T).argmax(dim=1)
-                recall = {c: float((pred[self.labels == i] == i).float().mean()) for i, c in enumerate(self.classes)}
+            for name, (names, templates) in self.prompts.items():
+                classifier = open_clip.build_zero_shot_classifier(model, self.tokenizer, names, templates, device="cpu")
+                pred = (images @ classifier.float()).argmax(dim=1)
+                recall = {c: int((pred[self.labels == i] == i).sum()) / int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
                 key = "" if name == "csv" else f"{name}_"
                 out[f"{key}balanced_acc"] = statistics.fmean(recall.values())
-                out[f"{key}acc"] = float((pred == self.labels).float().mean())
+                out[f"{key}acc"] = int((pred == self.labels).sum()) / len(self.labels)
                 out[f"{key}recall"] = recall
         return out
 
