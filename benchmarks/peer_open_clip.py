@@ -58,6 +58,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PEER = "open_clip"          # open_clip_train.main
+# peer variants -> offset added to the seed of the data order and augmentation draws (its second random_seed call;
+# the first seeds the model's initial weights): "open_clip_reorder" is the same split and initial weights, another order
+PEERS = {PEER: 0, "open_clip_reorder": 1000}
 PEER_MODEL = "clipexp_peer"  # the open_clip model config's name (clipexp_peer.json)
 # clipexp's side: the quick start (160 px, 20 px patches) with the open_clip ViT model both trainers build
 BASE = ["experiment=quickstart", "model=tiny_open_clip", "model.architecture.vision_tower=vit",
@@ -197,8 +200,25 @@ def open_clip_model(config_dir: Path, state_dict: Dict[str, Any]):
 
 
 # ------------------------------------------------------------------------------------------------- one run
-def run_peer(cfg, split: Dict[str, Path], config_dir: Path, run_dir: Path) -> Dict[str, Any]:
-    """open_clip_train.main on ``train.csv`` with the run config's settings; returns its final state dict."""
+# open_clip_train.main with clipexp's model config registered: argv = config folder, order offset, its arguments
+PEER_MAIN = """
+import sys
+import open_clip
+import open_clip_train.main as peer
+open_clip.add_model_config(sys.argv[1])
+offset, calls = int(sys.argv[2]), []
+seed_once = peer.random_seed
+def random_seed(seed=42, rank=0):  # main() seeds twice: before building the model, then for the data
+    seed_once(seed + (offset if calls else 0), rank)
+    calls.append(seed)
+peer.random_seed = random_seed
+sys.exit(peer.main(sys.argv[3:]) or 0)
+"""
+
+
+def run_peer(cfg, split: Dict[str, Path], config_dir: Path, run_dir: Path, order_offset: int = 0) -> Dict[str, Any]:
+    """open_clip_train.main on ``train.csv`` with the run config's settings; returns its final state dict.
+    ``order_offset``: added to the seed of its data order and augmentation (not of its initial weights)."""
     t = cfg.trainer
     n_train = len(read_rows(split["train"]))
     per_epoch = n_train // t.batch_size
@@ -211,11 +231,9 @@ def run_peer(cfg, split: Dict[str, Path], config_dir: Path, run_dir: Path) -> Di
             "--eps", str(t.adam_eps), "--grad-clip-norm", str(t.max_grad_norm), "--lr-scheduler", "cosine", "--precision", "fp32",
             "--device", "cpu", "--workers", "0", "--seed", str(cfg.seed), "--logs", str(run_dir), "--name", "peer",
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--log-every-n-steps", "100", "--report-to", ""]
-    code = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); from open_clip_train.main import main; "
-            "sys.exit(main(sys.argv[2:]) or 0)")
     log_path = run_dir / "open_clip.log"
     with log_path.open("w") as log_file:
-        proc = subprocess.run([sys.executable, "-c", code, str(config_dir), *args], stdout=log_file, stderr=subprocess.STDOUT,
+        proc = subprocess.run([sys.executable, "-c", PEER_MAIN, str(config_dir), str(order_offset), *args], stdout=log_file, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if proc.returncode:
         tail = log_path.read_text().splitlines()[-15:]
@@ -260,15 +278,15 @@ def run_unit(variant: str, seed: int, results: Path, extra: List[str], keep: boo
     config_dir.mkdir(parents=True)
     (config_dir / f"{PEER_MODEL}.json").write_text(json.dumps(model_config(cfg), indent=1))
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
-    if variant == PEER:
-        trained = run_peer(cfg, split, config_dir, run_dir)
+    if variant in PEERS:
+        trained = run_peer(cfg, split, config_dir, run_dir, PEERS[variant])
     else:
         trained = run_clipexp(cfg, run_dir, config_dir, split["test"])
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     scorer = Scorer(cfg, config_dir, split["test"])
     row = {"variant": variant, "seed": seed, "overrides": overrides, "model_config": model_config(cfg), "steps": trained["steps"], "wall_s": wall, "cpu_s": cpu,
-           "final": scorer.score(open_clip_model(config_dir, trained["final" if variant != PEER else "state_dict"]))}
-    if variant != PEER:
+           "final": scorer.score(open_clip_model(config_dir, trained["final" if variant not in PEERS else "state_dict"]))}
+    if variant not in PEERS:
         row.update(best=scorer.score(open_clip_model(config_dir, trained["best"])), best_step=trained["best_step"],
                    printed_test=trained["printed_test"], printed_test_acc=trained["printed_test_acc"])
     if not keep:
@@ -326,7 +344,7 @@ def paired_table(rows: Dict[str, Dict[int, Dict[str, Any]]], seeds: Sequence[int
 def summary_table(rows: Dict[str, Dict[int, Dict[str, Any]]], seeds: Sequence[int]) -> str:
     """Per variant over the seeds it has: final (and best-by-val) balanced accuracy, recall, the paired difference to open_clip."""
     peer = rows.get(PEER, {})
-    names = [n for n in [PEER, *VARIANTS] if n in rows] + sorted(n for n in rows if n not in VARIANTS and n != PEER)
+    names = [n for n in [*PEERS, *VARIANTS] if n in rows] + sorted(n for n in rows if n not in VARIANTS and n not in PEERS)
     any_class = next(iter(next(iter(rows.values())).values()))["final"]["recall"]
     short = "/".join(c.split()[0][:3] for c in sorted(any_class))
     lines = [f"| variant | seeds | final: test balanced acc | recall {short} | domain prompts | - {PEER}, paired (wins) | "
@@ -350,7 +368,7 @@ def summary_table(rows: Dict[str, Dict[int, Dict[str, Any]]], seeds: Sequence[in
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5, 6, 7])
-    p.add_argument("--variants", nargs="+", default=[PEER, "clipexp"], help=f"{PEER} and/or: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", default=[PEER, "clipexp"], help=f"{', '.join(PEERS)} and/or: {', '.join(VARIANTS)}")
     p.add_argument("--factors", action="store_true", help="also run the one-factor-at-a-time variants: " + ", ".join(FACTORS))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant and the peer")
     p.add_argument("--jobs", type=int, default=1, help="(variant, seed) runs at a time, each a child process")
@@ -362,9 +380,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     results = args.results.resolve()
     variants = list(dict.fromkeys([*args.variants, *(FACTORS if args.factors else [])]))
-    unknown = [v for v in variants if v != PEER and v not in VARIANTS]
+    unknown = [v for v in variants if v not in PEERS and v not in VARIANTS]
     if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)}: {PEER} or one of {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {', '.join(unknown)}: one of {', '.join([*PEERS, *VARIANTS])}")
 
     if args.unit:
         row = run_unit(args.unit[0], int(args.unit[1]), results, args.set, args.keep)
