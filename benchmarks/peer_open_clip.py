@@ -347,7 +347,7 @@ def summary_table(rows: Dict[str, Dict[int, Dict[str, Any]]], seeds: Sequence[in
     names = [n for n in [*PEERS, *VARIANTS] if n in rows] + sorted(n for n in rows if n not in VARIANTS and n not in PEERS)
     any_class = next(iter(next(iter(rows.values())).values()))["final"]["recall"]
     short = "/".join(c.split()[0][:3] for c in sorted(any_class))
-    lines = [f"| variant | seeds | final: test balanced acc | recall {short} | domain prompts | - {PEER}, paired (wins) | "
+    lines = [f"| variant | seeds | final: test balanced acc | recall {short} | domain prompts | - {PEER}, paired (seeds above / equal / below) | "
              f"best-by-val | printed test | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         rs = [rows[n][s] for s in seeds if s in rows[n]]
@@ -355,8 +355,8 @@ def summary_table(rows: Dict[str, Dict[int, Dict[str, Any]]], seeds: Sequence[in
             continue
         fin = [r["final"]["balanced_acc"] for r in rs]
         paired = [r["final"]["balanced_acc"] - peer[r["seed"]]["final"]["balanced_acc"] for r in rs if r["seed"] in peer]
-        wins = sum(d > 0 for d in paired)
-        diff = f"{_ms(paired)} ({wins}/{len(paired)})" if paired and n != PEER else "-"
+        above, equal = sum(d > 0 for d in paired), sum(d == 0 for d in paired)
+        diff = f"{_ms(paired)} ({above} / {equal} / {len(paired) - above - equal})" if paired and n != PEER else "-"
         best = _ms([r["best"]["balanced_acc"] for r in rs]) if "best" in rs[0] else "-"
         printed = _ms([r["printed_test"] for r in rs]) if "printed_test" in rs[0] else "-"
         lines.append(f"| {n} | {len(rs)} | {_ms(fin)} | {_recall(rs, 'final')} | {_ms([r['final']['domain_balanced_acc'] for r in rs])} | "
@@ -415,7 +415,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     print(f"\nPaired, per seed (test balanced accuracy of the final models, one evaluation; results in {results}):\n")
     print(paired_table(rows, args.seeds))
-    print("\nPer variant (mean +- sample std over the seeds; paired = variant - open_clip per seed, wins = seeds above it):\n")
+    print("\nPer variant (mean +- sample std over the seeds; paired = the variant's final minus open_clip's, per seed):\n")
     print(summary_table(rows, args.seeds))
 
 
