@@ -145,7 +145,8 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     accumulation: str = "plain"  # plain: micro-batch losses averaged | exact: GradCache, the whole logical batch as negatives
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
-    weight_decay: float = 0.01  # AdamW decay, never on norms, biases, embeddings or the temperature
+    weight_decay: float = 0.01  # AdamW decay, never on norms, biases or the temperature; on embeddings only with decay_embeddings
+    decay_embeddings: bool = False  # weight decay on token / position embeddings too (as open_clip's trainer); norms, biases, temperatures never
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.98  # AdamW beta2
     adam_eps: float = 1e-6  # AdamW epsilon

@@ -10,7 +10,8 @@ so a ``peft`` LoRA wrapper (``base_model.model.vision_model...``) gets the same 
 
 Every group carries ``lr_scale`` (its rate divided by the base rate): a schedule sets
 ``group["lr"] = lr_at(step) * group["lr_scale"]``, so warmup and decay apply to all groups alike.
-Weight decay is off for norms, biases, embeddings and temperatures.
+Weight decay is off for norms, biases, embeddings and temperatures; ``decay_embeddings=True``
+puts it on the token and position embeddings (2-D: open_clip's trainer does, ``trainer.decay_embeddings``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def tower_depths(model: nn.Module) -> Dict[str, int]:
     return depths
 
 
-def no_weight_decay(name: str, ndim: int) -> bool:
-    return ndim < 2 or "embedding" in name or "logit_scale" in name or "logit_bias" in name or "norm" in name
+def no_weight_decay(name: str, ndim: int, decay_embeddings: bool = False) -> bool:
+    return (ndim < 2 or ("embedding" in name and not decay_embeddings) or "logit_scale" in name or "logit_bias" in name
+            or "norm" in name)
 
 
 def lr_scale(name: str, depths: Mapping[str, int], base_lr: float, layer_decay: Optional[float] = None,
@@ -80,7 +82,7 @@ def lr_scale(name: str, depths: Mapping[str, int], base_lr: float, layer_decay: 
 
 def param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: Optional[float] = None,
                  head_lr: Optional[float] = None, logit_scale_lr: Optional[float] = None,
-                 extra: Optional[Mapping[str, nn.Module]] = None) -> List[Dict[str, Any]]:
+                 extra: Optional[Mapping[str, nn.Module]] = None, decay_embeddings: bool = False) -> List[Dict[str, Any]]:
     """AdamW groups over ``model``'s trainable parameters (and those of ``extra`` modules, e.g.
     ``{"loss": loss_fn}``, which count as temperatures): one group per (rate, weight decay) pair, in
     order of first appearance (decaying groups first), each with ``params``, ``lr``, ``lr_scale``,
@@ -102,7 +104,7 @@ def param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_de
         if not p.requires_grad:
             continue
         label, scale = lr_scale(name, depths, base_lr, layer_decay, head_lr, logit_scale_lr)
-        nd = no_weight_decay(name, p.ndim)
+        nd = no_weight_decay(name, p.ndim, decay_embeddings)
         add(p, label + ("/no_decay" if nd else ""), scale, 0.0 if nd else weight_decay)
     for prefix, module in (extra or {}).items():
         for _, p in module.named_parameters():

@@ -38,6 +38,9 @@ class ArchitectureConfig:
     text_layers: int = 2  # text tower depth
     text_heads: int = 2  # text tower attention heads
     text_intermediate_size: int = 128  # text tower MLP width
+    # image tower of a built open_clip model (model=tiny_open_clip): conv (ModifiedResNet) | vit (a ViT of the
+    # vision_* sizes and patch_size); null = the family's: conv for open_clip, vit for CLIP and SigLIP (their only one)
+    vision_tower: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def load_clip(
     if name_or_path is None:
         if arch_dict is None:
             raise ModelLoadError("model.name_or_path is null and no model.architecture is set; use model=tiny or a hub id")
+        if arch_dict.get("vision_tower") not in (None, "vit"):
+            raise ModelLoadError(f"model.architecture.vision_tower={arch_dict['vision_tower']!r} is invalid for a built {family} model: "
+                                 "vit or null (only model=tiny_open_clip builds a conv tower)")
         resample = PIL_RESAMPLE[image_interpolation or RESIZE_INTERPOLATION]
         if family == "siglip":
             return fam.build_siglip(arch_dict, image_resolution, max_sequence_length, resample)

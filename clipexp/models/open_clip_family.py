@@ -164,15 +164,31 @@ def _image_processor(preprocess_cfg: Dict[str, Any], image_size: int, resample: 
                               image_std=list(preprocess_cfg.get("std", OPENAI_CLIP_STD)))
 
 
+VISION_TOWERS = ("conv", "vit")
+
+
 def tiny_open_clip_config(architecture: Dict[str, Any], image_resolution: int, max_sequence_length: int) -> Dict[str, Any]:
-    """An open_clip model config: a small ModifiedResNet (convolutional) image tower + a small text transformer."""
+    """An open_clip model config (the dict of open_clip's model JSONs: ``open_clip.add_model_config`` reads it, and
+    ``open_clip_train`` builds the same model from it) with a small text transformer and, per
+    ``architecture["vision_tower"]``, a ModifiedResNet (``conv``, the default) or a ViT (``vit``) image tower."""
+    from clipexp.errors import ConfigError
+
     a = architecture
-    width = int(a.get("vision_hidden_size", 64)) // 4 or 16  # ModifiedResNet's stem width; its output is 32x that
-    layers = int(a.get("vision_layers", 2))
+    tower = a.get("vision_tower") or "conv"
+    if tower not in VISION_TOWERS:
+        raise ConfigError("model.architecture.vision_tower", tower, "conv (a ModifiedResNet) or vit (a ViT of the vision_* sizes)")
+    if tower == "vit":
+        width, heads = int(a["vision_hidden_size"]), int(a["vision_heads"])
+        vision = {"image_size": int(image_resolution), "layers": int(a["vision_layers"]), "width": width,
+                  "head_width": width // heads, "mlp_ratio": a["vision_intermediate_size"] / width, "patch_size": int(a["patch_size"])}
+    else:
+        width = int(a.get("vision_hidden_size", 64)) // 4 or 16  # ModifiedResNet's stem width; its output is 32x that
+        layers = int(a.get("vision_layers", 2))
+        vision = {"image_size": int(image_resolution), "layers": [max(1, layers // 2), max(1, layers - layers // 2), 1, 1],
+                  "width": max(8, width), "head_width": 16, "patch_size": None}
     return {
         "embed_dim": int(a["projection_dim"]),
-        "vision_cfg": {"image_size": int(image_resolution), "layers": [max(1, layers // 2), max(1, layers - layers // 2), 1, 1],
-                       "width": max(8, width), "head_width": 16, "patch_size": None},
+        "vision_cfg": vision,
         "text_cfg": {"context_length": int(max_sequence_length), "vocab_size": 49408, "width": int(a["text_hidden_size"]),
                      "heads": int(a["text_heads"]), "layers": int(a["text_layers"]), "mlp_ratio": a["text_intermediate_size"] / a["text_hidden_size"]},
     }

@@ -82,7 +82,7 @@ def build_optimizer(trainer_cfg: Any, model: torch.nn.Module, loss_fn: torch.nn.
     t = trainer_cfg
     fused = bool(t.fused_adamw and device_type == "cuda")
     groups = param_groups(model, t.learning_rate, t.weight_decay, layer_decay=t.layer_decay, head_lr=t.head_lr,
-                          logit_scale_lr=t.logit_scale_lr, extra={"loss": loss_fn})
+                          logit_scale_lr=t.logit_scale_lr, extra={"loss": loss_fn}, decay_embeddings=t.decay_embeddings)
     optimizer = torch.optim.AdamW(
         groups,
         lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused or None,
