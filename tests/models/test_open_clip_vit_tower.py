@@ -50,7 +50,7 @@ def test_vit_tower_is_the_model_open_clip_builds_from_the_written_config(tmp_pat
 def test_conv_stays_the_default_and_a_wrong_tower_is_one_line():
     from open_clip.modified_resnet import ModifiedResNet
 
-    from clipexp.models.clip import ModelLoadError
+    from clipexp.errors import ModelLoadError
 
     torch.manual_seed(0)
     conv, _ = load_clip(None, {**ARCH, "vision_tower": None}, 64, 77, family="open_clip")
