@@ -1,5 +1,8 @@
 """Helpers for tests that drive a training run in a subprocess."""
 
+import os
+import signal
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -27,3 +30,14 @@ def wait_for_http(url: str, proc, timeout: float = 120, what: str = "the server"
         assert proc.poll() is None, (proc.stdout or proc.stderr).read()[-2000:]
         assert time.time() < deadline, f"{what} did not start"
         time.sleep(0.5)
+
+
+def stop_group(proc, timeout: float = 30) -> None:
+    """Stop a server started with ``start_new_session=True`` and every process it started (one process group):
+    SIGTERM, then SIGKILL after ``timeout`` s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from processes import stop_group
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -691,10 +692,5 @@ def test_mlflow_models_serve_answers_like_in_process(run, pyfunc, tmp_path):
         status, body = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[images[0]]] * 9}})
         assert status == 400 and "the request has 9 rows, over this model's limit of 8 rows per request (CLIPEXP_MAX_ROWS)" in body["message"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)
         log.close()

@@ -71,7 +71,7 @@ def ui_server(quick_run):
     reader = threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")), daemon=True)  # drains the server's log
     reader.start()
     try:
-        from processes import wait_for_http
+        from processes import wait_for_http, stop_group
 
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/health", server, timeout=120, what="clipexp ui")
@@ -82,11 +82,7 @@ def ui_server(quick_run):
                  if line.startswith(head)}
         yield base, pages, lines
     finally:  # the UI server and the processes it started (uvicorn) are one process group
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from processes import wait_for_http
+from processes import wait_for_http, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,11 +80,7 @@ def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metri
         assert exp["artifact_location"] == str(tmp_path.resolve() / "mlartifacts" / "smoke")
         (run,) = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     finally:  # the UI server and the processes it started (uvicorn) are one process group
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)
     printed = server.stdout.read()
     from clipexp.tracking.ui import run_page_url, runs_page_url, runs_view
 
