@@ -684,8 +684,8 @@ def test_mlflow_models_serve_answers_like_in_process(run, pyfunc, tmp_path):
                 _close(torch.tensor([r["text_embedding"] for r in served[4:]]), run["text"][:2])
             else:
                 _close(torch.tensor([r["scores"] for r in served[:3]]), torch.tensor(local["scores"][:3].tolist()))
-        status, body = _post(port, {"dataframe_split": split, "params": {"task": "classify"}})
-        assert status == 400 and "unknown task 'classify'" in body["message"] and "stack_trace" not in body
+        status, body = _post(port, {"dataframe_split": split, "params": {"task": "segment"}})
+        assert status == 400 and "unknown task 'segment'" in body["message"] and "stack_trace" not in body
         paths = ["../../../../etc/hostname", "/etc/hostname", run["paths"][0]]  # over HTTP too: bytes only, no server file read
         status, body = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[p] for p in paths]}})
         assert status == 200 and all("is not base64-encoded image data" in r["error"] for r in body["predictions"]), body

@@ -271,8 +271,8 @@ def test_torchrun_smoke_end_to_end(tmp_path):
     assert len(folders) == 1, folders
     run_a = folders[0]
     # mlflow_run.json: the store and run a later replay writes to; test_split.csv: what the batch tools reproduce
-    assert sorted(p.name for p in run_a.iterdir()) == [".hydra", "__main__.log", "checkpoints", "config.yaml", "metrics.json",
-                                                        "mlflow_run.json", "model", "plots", "test_split.csv"]
+    assert sorted(p.name for p in run_a.iterdir()) == [".hydra", "checkpoints", "config.yaml", "metrics.json", "mlflow_journal.jsonl",
+                                                        "mlflow_run.json", "model", "plots", "test_split.csv", "train.log"]
     assert sorted(p.name for p in (run_a / "checkpoints").glob("*.pt")) == ["best.pt", "step_0000002.pt", "step_0000004.pt"]
     client, runs = _runs(a / "mlflow.db")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -300,13 +300,14 @@ def test_torchrun_smoke_end_to_end(tmp_path):
     assert [Path(p).name for _, p in saves].count("step_0000002.pt") == 1
 
     # 3. resume on 2 ranks from the latest checkpoint: the uninterrupted run's numbers, the same MLflow run
-    res = _torchrun("-m", "clipexp", *SMOKE, store, "trainer.resume=latest", cwd=b)
+    (failed,) = (b / "outputs").glob("*/*")
+    res = _torchrun("-m", "clipexp", *SMOKE, store, f"trainer.resume={failed}", cwd=b)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resumed from" in res.stdout + res.stderr
     _, runs = _runs(b / "mlflow.db")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["resumed_at_step"] == "2"
     resumed = [f for f in (b / "outputs").glob("*/*") if (f / "metrics.json").is_file()]
-    assert len(resumed) == 1
+    assert resumed == [failed]  # the resume continues in the run's own folder
     want = json.loads((run_a / "metrics.json").read_text())
     got = json.loads((resumed[0] / "metrics.json").read_text())
     assert got["steps"] == want["steps"] == 4
