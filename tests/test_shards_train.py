@@ -86,6 +86,7 @@ def test_shards_give_the_csv_sources_metrics(tmp_path, textile_shards):
     assert "train 77 / val 10 / test 9 pairs; 12 steps (9 per epoch, 1.33 epochs)" in out + err
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_sigkill_and_resume_continue_the_stream_step_exactly(tmp_path, textile_shards):
     # 2 workers: 4 shards each, the smallest 4 hold 37 samples -> 4 batches of 8 per worker, 8 steps per epoch
     args = [*SMOKE, *_shard_args(textile_shards), "data.num_workers=2", "data.shuffle_buffer=16", "trainer.max_steps=20",
@@ -155,6 +156,7 @@ def _rank_main(out: Path, shards: Path) -> None:
     trainer.cleanup()
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_two_gloo_ranks_x_two_workers_see_every_sample_once_per_epoch(tmp_path):
     from shards_helpers import N, write_csv  # the 80 generated pairs
 

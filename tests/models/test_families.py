@@ -235,6 +235,7 @@ def test_four_step_run_saves_reloads_and_predicts(model_name, tmp_path):
     assert_close(ours_txt, torch.nn.functional.normalize(txt, dim=-1), name="text")
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_quickstart_sweep_over_families_is_one_parent_with_three_children(tmp_path):
     from mlflow.tracking import MlflowClient
 

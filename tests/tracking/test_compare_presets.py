@@ -92,6 +92,7 @@ def test_setting_summary_means_and_stds_over_seeds():
     assert one[f"mean best {m}"] == pytest.approx(0.75, rel=1e-12) and pd.isna(one[f"std best {m}"])
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_two_losses_by_two_seeds_sweep_reports_mean_and_std_per_loss(tmp_path):
     res = clipexp(["-m", "experiment=smoke", "trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_steps=2",
                    "loss=contrastive,siglip", "seed=0,1", f"tracking.uri={store_uri(tmp_path)}"], tmp_path)
@@ -115,6 +116,7 @@ def test_two_losses_by_two_seeds_sweep_reports_mean_and_std_per_loss(tmp_path):
     assert "Mean and std (n - 1) over seeds per setting:" in text and "| contrastive | 2 | 0 |" in text
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_quality_benchmark_candidates_compose_and_the_preset_keeps_the_weave_scale(compose_cfg):
     import importlib.util
 

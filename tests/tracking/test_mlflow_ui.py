@@ -16,6 +16,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from processes import wait_for_http, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +46,7 @@ def _post(base: str, path: str, body):
         return json.loads(r.read())
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_the_ui_shows_a_training_experiment_with_dataset_source_and_system_metrics(tmp_path):
     from clipexp.config.compose import compose as compose_and_validate
     from clipexp.config.validate import eval_metric_names

@@ -141,6 +141,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_mlflow_server_lists_parent_and_children(sweep):
     work, _ = sweep
     port = _free_port()

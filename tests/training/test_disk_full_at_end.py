@@ -117,6 +117,7 @@ def test_export_of_a_folder_without_checkpoints_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("clipexp: error: ") and "no checkpoint" in err[0], err
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_the_cli_prints_one_line_with_the_finishing_command(run_cli, tmp_path):
     """``python -m clipexp`` whose disk fills at metrics.json (a startup hook makes that write fail): exit code 1, the
     last stderr line is the one line with the command, and the command then finishes the run's outputs."""

@@ -161,6 +161,7 @@ def test_a_multi_task_submitit_job_exports_torchrun_variables(monkeypatch):
             os.environ.pop(key, None)
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
     env = _env(PYTHONPATH=os.pathsep.join(map(str, (ROOT, TESTS, TESTS.parent))))  # this module, and tests/numerics.py
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",

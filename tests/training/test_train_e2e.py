@@ -132,6 +132,7 @@ def _popen(args, cwd):
 LONG = ["trainer.max_steps=24", "trainer.save_steps=4", "trainer.eval_steps=8", "trainer.keep_last=10", "data.augment_text=true"]
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
     # uninterrupted reference
     ref = _popen([*SMOKE, *LONG, "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
@@ -162,6 +163,7 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] in {"8", "12"}
 
 
+@pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path):
     proc = _popen([*SMOKE, *LONG, "trainer.max_steps=400", _store(tmp_path), f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     wait_for(tmp_path / "run" / "checkpoints" / "step_0000004.pt", proc)
