@@ -61,6 +61,9 @@ CANDIDATES: Dict[str, List[str]] = {
     "previous": ["domain.augmentation.crop_scale_min=0.85", "model.image_resolution=128", "model.architecture.patch_size=16"],
     "128px": ["model.image_resolution=128", "model.architecture.patch_size=16"],  # no crop, the old resolution
     "preset": [],                                     # no crop (weave scale kept), 160 px, 20 px patches (64 tokens)
+    # open_clip_train's image augmentation (benchmarks/peer_open_clip.py's open_clip_aug): crop 0.9-1, nothing else
+    "open_clip_aug": ["domain.augmentation.crop_scale_min=0.9", "domain.augmentation.hflip=false", "domain.augmentation.vflip=false",
+                      "domain.augmentation.rotation_degrees=0", "domain.augmentation.color_jitter=0"],
     "plain_targets": ["loss.multi_positive=false"],                   # textbook CLIP targets
     "lr2e-3": ["trainer.learning_rate=2e-3"],
     "lr5e-4": ["trainer.learning_rate=5e-4"],
