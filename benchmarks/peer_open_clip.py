@@ -63,8 +63,12 @@ PEER = "open_clip"          # open_clip_train.main
 PEERS = {PEER: 0, "open_clip_reorder": 1000}
 PEER_MODEL = "clipexp_peer"  # the open_clip model config's name (clipexp_peer.json)
 # clipexp's side: the quick start (160 px, 20 px patches) with the open_clip ViT model both trainers build
+# The augmentation is pinned to the quick start's as measured (no crop, flips, 10 degree rotation, colour jitter 0.1):
+# the quick start took open_clip's crop-only augmentation (the open_clip_aug variant) after this comparison.
+_QUICKSTART_AUG = ["domain.augmentation.crop_scale_min=1.0", "domain.augmentation.hflip=true", "domain.augmentation.vflip=true",
+                   "domain.augmentation.rotation_degrees=10", "domain.augmentation.color_jitter=0.1"]
 BASE = ["experiment=quickstart", "model=tiny_open_clip", "model.architecture.vision_tower=vit",
-        "device.type=cpu", "device.precision=fp32", "tracking.enabled=false", "trainer.progress=false"]
+        "device.type=cpu", "device.precision=fp32", "tracking.enabled=false", "trainer.progress=false", *_QUICKSTART_AUG]
 _OPEN_CLIP_AUG = ["domain.augmentation.crop_scale_min=0.9", "domain.augmentation.hflip=false", "domain.augmentation.vflip=false",
                   "domain.augmentation.rotation_degrees=0", "domain.augmentation.color_jitter=0"]
 _LOSS = ["loss.multi_positive=false", "loss.use_model_logit_scale=true"]

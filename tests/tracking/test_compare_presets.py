@@ -117,7 +117,7 @@ def test_two_losses_by_two_seeds_sweep_reports_mean_and_std_per_loss(tmp_path):
 
 
 @pytest.mark.slow  # over 12 s: CI runs it after the suite
-def test_quality_benchmark_candidates_compose_and_the_preset_keeps_the_weave_scale(compose_cfg):
+def test_quality_benchmark_candidates_compose_and_the_preset_takes_open_clips_augmentation(compose_cfg):
     import importlib.util
 
     from test_sweeps import ROOT
@@ -126,7 +126,8 @@ def test_quality_benchmark_candidates_compose_and_the_preset_keeps_the_weave_sca
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
     preset = compose_cfg("experiment=quickstart", "tracking.enabled=false")
-    assert preset.domain.augmentation.crop_scale_min == 1.0 and preset.domain.augmentation.hflip
+    aug = preset.domain.augmentation  # open_clip_train's augmentation: a crop of 0.9-1 of the area, nothing else
+    assert (aug.crop_scale_min, aug.hflip, aug.vflip, aug.rotation_degrees, aug.color_jitter) == (0.9, False, False, 0, 0)
     assert quality.CANDIDATES["preset"] == []
     for name, overrides in quality.CANDIDATES.items():
         cfg = compose_cfg("experiment=quickstart", *overrides, "tracking.enabled=false")  # every candidate is valid
