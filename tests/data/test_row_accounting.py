@@ -35,6 +35,13 @@ UNCLOSED = ("a quote opened here is not closed before line 34, which holds anoth
             "of global defect fabric number 32,global defect'); close the quote, or write a quote inside a quoted field as \"\"")
 
 
+def refusal(read, *args, **kwargs) -> list:
+    """The lines a reader's refusal names its rows with (a DataValidationError's lines after its first)."""
+    with pytest.raises(DataValidationError) as exc:
+        read(*args, **kwargs)
+    return str(exc.value).splitlines()[1:]
+
+
 def test_an_unclosed_quote_is_an_error_naming_its_line_not_a_swallowed_file(tmp_path, make_img):
     csv = _textile_like_csv(tmp_path, make_img)
     with pytest.raises(DataValidationError) as exc:
@@ -63,9 +70,7 @@ def test_a_quote_open_at_the_end_of_the_file_is_named(tmp_path, make_img):
     make_img(tmp_path / "a.jpg", 1)
     csv = tmp_path / "pairs.csv"
     csv.write_text('image_path,caption\na.jpg,a cat\na.jpg,"an open quote\n')
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_csv, csv) == [
         f"  {csv}:3: a quote opened here is never closed (the file ends inside it); close the quote, or write a quote "
         "inside a quoted field as \"\""]
 
@@ -86,9 +91,7 @@ def test_the_quote_that_runs_away_is_named_by_its_own_line_after_a_closed_multil
     csv = tmp_path / "pairs.csv"
     # line 2 opens a row whose caption spans lines 2-3 (closed); its label opens a quote on line 3 that runs over line 4
     csv.write_text('image_path,caption,label\na.jpg,"two\nlines","label\na.jpg,next row,z\n')
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_csv, csv) == [
         f"  {csv}:2: a quote opened on line 3 is not closed before line 4, which holds another row ('a.jpg,next row,z'); "
         "close the quote, or write a quote inside a quoted field as \"\""]
     assert [p.source for p in DatasetLoader.from_csv(csv, on_error="skip")] == [f"{csv}:4"]
@@ -99,9 +102,7 @@ def test_a_row_with_an_extra_field_is_named_never_silently_shifted(tmp_path, mak
     csv = tmp_path / "pairs.csv"
     # line 3: an unquoted comma in the caption would make 'sitting' its label; line 4: trailing empty fields carry nothing
     csv.write_text("image_path,caption,label\na.jpg,a cat,cat\na.jpg,a cat, sitting,cat\na.jpg,a dog,dog,,\n")
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_csv, csv) == [
         f"  {csv}:3: 4 fields where the header has 3 (extra: 'cat'); quote a field that contains a comma, "
         'e.g. "a cat, sitting"']
     assert [(p.source, p.label) for p in DatasetLoader.from_csv(csv, on_error="skip")] == [(f"{csv}:2", "cat"), (f"{csv}:4", "dog")]
@@ -111,9 +112,7 @@ def test_a_tsv_row_with_an_extra_field_names_the_tab(tmp_path, make_img):
     make_img(tmp_path / "a.jpg", 1)
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("image_path\tcaption\na.jpg\ta cat\ta second caption?\n")
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(tsv)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_csv, tsv) == [
         f"  {tsv}:2: 3 fields where the header has 2 (extra: 'a second caption?'); quote a field that contains a tab"]
 
 
@@ -130,19 +129,13 @@ def test_a_header_naming_the_image_or_caption_column_twice_is_one_line(tmp_path)
 def test_a_header_with_an_unclosed_quote_or_a_huge_field_is_one_line(tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_text('image_path,"caption\na.jpg,a cat\n')
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_csv, csv) == [
         f"  {csv}:1: unreadable CSV header: a quote opened here is never closed (the file ends inside it); close the quote, "
         'or write a quote inside a quoted field as ""']
     csv.write_text("image_path,caption," + "x" * 200_000 + "\na.jpg,a cat\n")  # over csv's field size limit
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    assert str(exc.value).splitlines()[1:] == [f"  {csv}:1: unreadable CSV header (field larger than field limit (131072))"]
+    assert refusal(DatasetLoader.from_csv, csv) == [f"  {csv}:1: unreadable CSV header (field larger than field limit (131072))"]
     csv.write_text("image_path,caption\na.jpg,a cat\nb.jpg," + "x" * 200_000 + "\n")
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_csv(csv)
-    assert str(exc.value).splitlines()[1:] == [f"  {csv}:3: unreadable CSV (field larger than field limit (131072))"]
+    assert refusal(DatasetLoader.from_csv, csv) == [f"  {csv}:3: unreadable CSV (field larger than field limit (131072))"]
 
 
 # --------------------------------------------------------------------------------------------- JSON
@@ -152,9 +145,7 @@ def test_json_item_with_a_key_twice_is_named_not_silently_the_last(tmp_path, mak
     make_img(tmp_path / "a.jpg", 1)
     js = tmp_path / "pairs.json"
     js.write_text('[\n {"image": "a.jpg", "caption": "one"},\n {"image": "a.jpg", "caption": "first", "caption": "second"}\n]\n')
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_json(js)
-    assert str(exc.value).splitlines()[1:] == [f"  {js}:3: key 'caption' appears 2 times in this item; keep one"]
+    assert refusal(DatasetLoader.from_json, js) == [f"  {js}:3: key 'caption' appears 2 times in this item; keep one"]
     assert [p.source for p in DatasetLoader.from_json(js, on_error="skip")] == [f"{js}:2"]
 
 
@@ -163,9 +154,7 @@ def test_json_item_with_two_caption_keys_is_named(tmp_path, make_img):
     js = tmp_path / "pairs.json"
     js.write_text('[{"image": "a.jpg", "caption": "one", "captions": ["two", "three"]},\n'
                   ' {"image": "a.jpg", "file_name": "a.jpg", "caption": "x"}]\n')
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_json(js)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_json, js) == [
         f"  {js}:1: keys 'captions' and 'caption' both hold captions; keep one (or put every caption in 'captions')",
         f"  {js}:2: keys 'image' and 'file_name' both name the image; keep one"]
 
@@ -174,9 +163,7 @@ def test_json_data_key_twice_is_one_line_not_the_first_list_lost(tmp_path, make_
     make_img(tmp_path / "a.jpg", 1)
     js = tmp_path / "pairs.json"
     js.write_text('{"data": [{"image": "a.jpg", "caption": "lost?"}],\n "data": [{"image": "a.jpg", "caption": "kept"}]}\n')
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_json(js)
-    assert str(exc.value).splitlines()[1:] == [f"  {js}:2: key 'data' appears 2 times (lines 1, 2); merge the lists into one"]
+    assert refusal(DatasetLoader.from_json, js) == [f"  {js}:2: key 'data' appears 2 times (lines 1, 2); merge the lists into one"]
 
 
 # ------------------------------------------------------------------------------------------- folders
@@ -188,9 +175,7 @@ def test_captions_txt_extra_field_and_a_name_relabelled_are_named(tmp_path, make
     (tmp_path / "captions.txt").write_text("a.jpg\ta cat\tcat\na.jpg\tanother caption\tcat\nb.jpg\ta dog\tdog\textra\n"
                                            "a.jpg\ta third caption\tdog\n")
     txt = tmp_path / "captions.txt"
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_directory(tmp_path)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_directory, tmp_path) == [
         f"  {txt}:3: 4 fields where at most 3 are read (image name, caption, label; extra: 'extra'); a caption cannot hold a tab",
         f"  {txt}:4: image 'a.jpg' has label 'cat' on line 1 and 'dog' here; give an image one label",
     ]
@@ -202,9 +187,7 @@ def test_a_caption_file_whose_image_is_missing_is_named(tmp_path, make_img):
     make_img(tmp_path / "a.jpg", 1)
     (tmp_path / "a.txt").write_text("a cat\n")
     (tmp_path / "b.txt").write_text("a dog whose image is gone\n")
-    with pytest.raises(DataValidationError) as exc:
-        DatasetLoader.from_directory(tmp_path)
-    assert str(exc.value).splitlines()[1:] == [
+    assert refusal(DatasetLoader.from_directory, tmp_path) == [
         f"  {tmp_path / 'b.txt'}: caption file with no image beside it (none of {', '.join('b' + e for e in _exts())})"]
     assert [p.captions for p in DatasetLoader.from_directory(tmp_path, on_error="skip")] == [["a cat"]]
 
