@@ -156,6 +156,28 @@ def _rank_main(out: Path, shards: Path) -> None:
     trainer.cleanup()
 
 
+
+@pytest.mark.parametrize("cut", ["000001", "000002"])
+def test_a_bad_shard_read_before_enough_samples_is_judged_at_the_end_of_the_pass(tmp_path, textile_shards, cut):
+    # two train shards of 10, one cut after 3 samples: 20 samples, 7 of them bad, batches of 13 (one a pass, so the
+    # 13 good ones fill it and nothing is read twice). Read first, the cut shard is met at 10 samples, under the
+    # 1 / 0.05 = 20 the share is judged from while reading: only the end of the pass stops the run at its first 7
+    # (read second, it is met at 20). Either order is one of the two cases.
+    d = tmp_path / "bad"
+    d.mkdir()
+    for p in textile_shards.iterdir():
+        (d / p.name).write_bytes(p.read_bytes())
+    shard = d / f"train-{cut}.tar"
+    with tarfile.open(shard) as tar:
+        cut_at = tar.getmembers()[3 * 3].offset_data + 20
+    shard.write_bytes(shard.read_bytes()[:cut_at])
+    code, out, err = _run([*SMOKE, "data=webdataset", f"data.urls='{d / 'train-{000001..000002}.tar'}'", f"data.val_urls={d / 'val-000000.tar'}",
+                           f"data.test_urls={d / 'test-000000.tar'}", "data.num_workers=0", "data.max_bad_fraction=0.05",
+                           "trainer.batch_size=13", "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("clipexp: error: 7 bad samples of 20 read") and "exceed data.max_bad_fraction=0.05" in last, last
+
 @pytest.mark.slow  # over 12 s: CI runs it after the suite
 def test_two_gloo_ranks_x_two_workers_see_every_sample_once_per_epoch(tmp_path):
     from shards_helpers import N, write_csv  # the 80 generated pairs
